@@ -1,0 +1,71 @@
+"""The encoding space: encode test images, map them to 2-D with t-SNE, measure separation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.manifold import TSNE
+from sklearn.metrics import silhouette_score
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.neighbors import KNeighborsClassifier
+
+from aemnist.data import ImageSet
+from aemnist.model import Autoencoder
+
+
+@torch.inference_mode()
+def encode(model: Autoencoder, images: torch.Tensor, batch_size: int = 2048) -> np.ndarray:
+    model.eval()
+    parts = [model.encoder(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
+    return torch.cat(parts).numpy()
+
+
+def tsne_map(z: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    return TSNE(
+        n_components=2, perplexity=perplexity, init="pca", random_state=seed
+    ).fit_transform(z)
+
+
+def knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int, seed: int) -> float:
+    """5-fold cross-validated accuracy of a k-NN classifier of the digit labels."""
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    scores = cross_val_score(KNeighborsClassifier(n_neighbors=k), points, labels, cv=folds)
+    return float(np.mean(scores))
+
+
+def separation_metrics(
+    z: np.ndarray, xy: np.ndarray, labels: np.ndarray, k: int, seed: int
+) -> dict[str, float]:
+    return {
+        "knn_accuracy_latent": knn_accuracy(z, labels, k, seed),
+        "knn_accuracy_tsne": knn_accuracy(xy, labels, k, seed),
+        "silhouette_latent": float(silhouette_score(z, labels)),
+        "silhouette_tsne": float(silhouette_score(xy, labels)),
+    }
+
+
+def sample_indices(n_total: int, n: int, seed: int) -> np.ndarray:
+    """A seeded sample of ``n`` positions, in increasing order."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
+
+
+def embed(
+    model: Autoencoder, test: ImageSet, n_images: int, perplexity: float, knn: int, seed: int
+) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The embedding table (idx, label, z, tsne_x, tsne_y) and the separation metrics."""
+    rows = sample_indices(len(test), n_images, seed)
+    z = encode(model, test.images[torch.from_numpy(rows)])
+    labels = test.labels[rows]
+    xy = tsne_map(z, perplexity, seed)
+    frame = pd.DataFrame(
+        {
+            "idx": test.idx[rows],
+            "label": labels,
+            "z": list(z.astype(np.float32)),
+            "tsne_x": xy[:, 0],
+            "tsne_y": xy[:, 1],
+        }
+    )
+    return frame, separation_metrics(z, xy, labels, knn, seed)

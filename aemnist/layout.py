@@ -1,0 +1,85 @@
+"""Where every table, checkpoint, figure and the report live inside a study's work dir."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _num(value: float) -> str:
+    return f"{value:g}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train_table(self) -> Path:
+        return self.data_dir / "mnist_train.parquet"
+
+    @property
+    def test_table(self) -> Path:
+        return self.data_dir / "mnist_test.parquet"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "study_config.json"
+
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.parquet"
+
+    def grid_history(self, lr: float, weight_decay: float, fold: int) -> Path:
+        return self.root / "grid" / f"lr={_num(lr)}_wd={_num(weight_decay)}_fold={fold}.parquet"
+
+    @property
+    def grid_summary(self) -> Path:
+        return self.root / "grid_summary.parquet"
+
+    def sweep_history(self, size: int) -> Path:
+        return self.root / "sweep" / f"size={size}.parquet"
+
+    @property
+    def sweep_summary(self) -> Path:
+        return self.root / "sweep_summary.parquet"
+
+    @property
+    def final_model(self) -> Path:
+        return self.root / "final" / "model.pt"
+
+    @property
+    def final_history(self) -> Path:
+        return self.root / "final" / "history.parquet"
+
+    @property
+    def final_metrics(self) -> Path:
+        return self.root / "final" / "metrics.parquet"
+
+    @property
+    def corruption(self) -> Path:
+        return self.root / "corruption.parquet"
+
+    @property
+    def corruption_examples(self) -> Path:
+        return self.root / "corruption_examples.parquet"
+
+    @property
+    def embedding(self) -> Path:
+        return self.root / "embedding.parquet"
+
+    @property
+    def embedding_metrics(self) -> Path:
+        return self.root / "embedding_metrics.parquet"
+
+    @property
+    def figures_dir(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"

@@ -1,0 +1,94 @@
+"""The laboratory's convolutional autoencoder (design.md), with an encoding of size ``d``."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from aemnist.schemas import atomic_write_bytes
+
+# Seeding the global RNG and building the model must not interleave between threads that
+# build models at the same time, or two tasks could swap initial weights.
+_INIT_LOCK = threading.Lock()
+
+
+class Encoder(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 8, 3, stride=2, padding=1),
+            nn.ReLU(True),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(True),
+            nn.Conv2d(16, 32, 3, stride=2, padding=0),
+            nn.ReLU(True),
+        )
+        self.linear = nn.Sequential(
+            nn.Flatten(start_dim=1),
+            nn.Linear(3 * 3 * 32, 64),
+            nn.ReLU(True),
+            nn.Linear(64, size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.conv(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.linear = nn.Sequential(
+            nn.Linear(size, 64),
+            nn.ReLU(True),
+            nn.Linear(64, 3 * 3 * 32),
+            nn.ReLU(True),
+            nn.Unflatten(dim=1, unflattened_size=(32, 3, 3)),
+        )
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(32, 16, 3, stride=2, output_padding=0),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1),
+            nn.ReLU(True),
+            nn.ConvTranspose2d(8, 1, 3, stride=2, padding=1, output_padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.deconv(self.linear(z))
+
+
+class Autoencoder(nn.Module):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+        self.encoder = Encoder(size)
+        self.decoder = Decoder(size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
+
+
+def build_autoencoder(size: int, seed: int) -> Autoencoder:
+    """A freshly initialised autoencoder whose weights depend on ``seed`` alone."""
+    with _INIT_LOCK:
+        state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        model = Autoencoder(size)
+        torch.random.set_rng_state(state)
+    return model
+
+
+def save_checkpoint(model: Autoencoder, path: Path) -> None:
+    payload = {"size": model.size, "state_dict": model.state_dict()}
+    atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: Path) -> Autoencoder:
+    payload = torch.load(path, weights_only=True, map_location="cpu")
+    model = Autoencoder(int(payload["size"]))
+    model.load_state_dict(payload["state_dict"])
+    model.eval()
+    return model

@@ -1,0 +1,385 @@
+"""The study report: report.md with Tables 1 and 2, figures 1-4 and the seed's numbers beside
+ours (seed-report.txt). Reads only stored stage tables, so it can be rebuilt at any time."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+from aemnist import plots
+from aemnist.config import StudyConfig
+from aemnist.layout import Layout
+from aemnist.reference import (
+    SEED_BEST_LR,
+    SEED_BEST_SIZE,
+    SEED_BEST_WEIGHT_DECAY,
+    SEED_FINAL_SIZE,
+    SEED_FINAL_TEST_MSE,
+    SEED_TABLE1,
+    SEED_TABLE2,
+    same_value,
+    seed_grid_row,
+)
+from aemnist.schemas import TableError, atomic_write_bytes, read_frame
+
+DASH = "—"
+
+
+@dataclass(frozen=True)
+class ReportFigure:
+    key: str
+    filename: str
+    caption: str
+
+
+FIGURES: tuple[ReportFigure, ...] = (
+    ReportFigure("1a", "fig1a_size_sweep.png",
+           "test loss against encoding size, ours and the seed's Table 2."),
+    ReportFigure("1b", "fig1b_training_curves.png",
+           "training and test loss of the final model against epoch."),
+    ReportFigure("2", "fig2_noise.png",
+           "MSE against noise level, and one test image corrupted and reconstructed at each "
+           "level."),
+    ReportFigure("3", "fig3_occlusion.png",
+           "MSE against occlusion level, and one test image corrupted and reconstructed at "
+           "each level."),
+    ReportFigure("4", "fig4_tsne.png", "t-SNE map of the encoding space, coloured by digit."),
+)
+
+
+@dataclass(frozen=True)
+class StudyTables:
+    """Every stored table the report reads."""
+
+    grid: pd.DataFrame
+    sweep: pd.DataFrame
+    final_history: pd.DataFrame
+    final_metrics: dict[str, float]
+    corruption: pd.DataFrame
+    examples: pd.DataFrame
+    embedding: pd.DataFrame
+    embedding_metrics: dict[str, float]
+
+
+def _metrics(path: Path, required: Sequence[str] = ()) -> dict[str, float]:
+    frame = read_frame(path, "metrics")
+    values = {str(m): float(v) for m, v in zip(frame["metric"], frame["value"], strict=True)}
+    missing = [name for name in required if name not in values]
+    if missing:
+        raise TableError(
+            f"table {path} has no {', '.join(missing)} metric; run the stage that writes it "
+            f"again (`aemnist run`)"
+        )
+    return values
+
+
+def _rows(path: Path, schema_name: str) -> pd.DataFrame:
+    """A table that must have at least one row."""
+    frame = read_frame(path, schema_name)
+    if frame.empty:
+        raise TableError(f"table {path} has no rows; run the stage that writes it again")
+    return frame
+
+
+def load_tables(layout: Layout) -> StudyTables:
+    """Read every table the report needs; a missing or malformed one raises TableError."""
+    return StudyTables(
+        grid=_rows(layout.grid_summary, "grid_summary"),
+        sweep=_rows(layout.sweep_summary, "sweep_summary"),
+        final_history=read_frame(layout.final_history, "sweep_history"),
+        final_metrics=_metrics(layout.final_metrics, required=("test_mse",)),
+        corruption=_rows(layout.corruption, "corruption"),
+        examples=read_frame(layout.corruption_examples, "corruption_examples"),
+        embedding=read_frame(layout.embedding, "embedding"),
+        embedding_metrics=_metrics(layout.embedding_metrics),
+    )
+
+
+def report_figures(layout: Layout) -> list[Path]:
+    """The report's figure files, in figure order (for logging as artifacts)."""
+    return [layout.figures_dir / fig.filename for fig in FIGURES]
+
+
+def render_figures(tables: StudyTables, layout: Layout) -> list[Path]:
+    fig1a, fig1b, fig2, fig3, fig4 = report_figures(layout)
+    return [
+        plots.plot_size_sweep(tables.sweep, fig1a),
+        plots.plot_training_curves(tables.final_history, fig1b),
+        plots.plot_corruption(tables.corruption, tables.examples, "noise", fig2),
+        plots.plot_corruption(tables.corruption, tables.examples, "occlusion", fig3),
+        plots.plot_tsne(tables.embedding, fig4),
+    ]
+
+
+# ---- formatting -------------------------------------------------------------------------
+
+
+def _missing(value: float | None) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def fmt_loss(value: float | None, digits: int = 6) -> str:
+    return DASH if _missing(value) else f"{float(value):.{digits}f}"
+
+
+def fmt_hp(value: float | None) -> str:
+    """A hyperparameter value (learning rate, weight decay) in its shortest form."""
+    return DASH if _missing(value) else f"{float(value):g}"
+
+
+def fmt_spread(mean: float, std: float) -> str:
+    return f"{fmt_loss(mean)} ± {fmt_loss(std)}"
+
+
+def fmt_ratio(ours: float | None, seed: float | None) -> str:
+    if _missing(ours) or _missing(seed) or seed == 0:
+        return DASH
+    return f"{float(ours) / float(seed):.2f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def md_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---- sections ---------------------------------------------------------------------------
+
+
+def best_grid_row(grid: pd.DataFrame) -> pd.Series:
+    """Our best (lr, weight decay): the lowest mean validation loss (rank 1)."""
+    return grid.sort_values(["val_loss_mean", "rank"]).iloc[0]
+
+
+def best_size_row(sweep: pd.DataFrame) -> pd.Series:
+    """Our best encoding size: the lowest Table 2 score (rank 1)."""
+    return sweep.sort_values(["test_loss", "rank"]).iloc[0]
+
+
+def _our_grid_row(grid: pd.DataFrame, lr: float, weight_decay: float) -> pd.Series | None:
+    for _, row in grid.iterrows():
+        if same_value(row["lr"], lr) and same_value(row["weight_decay"], weight_decay):
+            return row
+    return None
+
+
+def header_section(config: StudyConfig, today: date) -> str:
+    return "\n".join(
+        [
+            "# aemnist study report",
+            "",
+            f"- profile: **{config.profile}**",
+            f"- seed: {config.seed}",
+            f"- config hash: `{config.config_hash()[:12]}`",
+            f"- date: {today.isoformat()}",
+            "",
+            "Every number below is read from the study's stored tables; the seed's figures "
+            "come from the seed report (Tables 1 and 2, section 3). A dash (—) marks a row "
+            "that only one side has. Ratios are ours / seed (below 1: ours is lower).",
+        ]
+    )
+
+
+def table1_section(grid: pd.DataFrame, config: StudyConfig) -> str:
+    ours_rows = []
+    for _, row in grid.sort_values("rank").iterrows():
+        seed = seed_grid_row(row["lr"], row["weight_decay"])
+        seed_val = seed.val_loss if seed else None
+        ours_rows.append(
+            [
+                str(int(row["rank"])), fmt_hp(row["lr"]), fmt_hp(row["weight_decay"]),
+                fmt_spread(row["train_loss_mean"], row["train_loss_std"]),
+                fmt_spread(row["val_loss_mean"], row["val_loss_std"]),
+                str(int(row["n_folds"])), fmt_loss(seed_val),
+                fmt_ratio(row["val_loss_mean"], seed_val),
+            ]
+        )
+    seed_rows = []
+    for rank, seed in enumerate(SEED_TABLE1, start=1):
+        ours = _our_grid_row(grid, seed.lr, seed.weight_decay)
+        our_val = None if ours is None else float(ours["val_loss_mean"])
+        seed_rows.append(
+            [
+                str(rank), fmt_hp(seed.lr), fmt_hp(seed.weight_decay), fmt_loss(seed.train_loss),
+                fmt_loss(seed.val_loss), fmt_loss(our_val), fmt_ratio(our_val, seed.val_loss),
+            ]
+        )
+    best = best_grid_row(grid)
+    g = config.grid
+    return "\n".join(
+        [
+            "## Table 1: learning rate and weight decay (grid search)",
+            "",
+            f"Ours: Adam, {g.folds}-fold cross-validation, {_count(g.epochs, 'epoch')}, "
+            f"encoding size "
+            f"{g.size}; loss of the last epoch, mean ± standard deviation over folds.",
+            "",
+            md_table(
+                ["rank", "lr", "weight decay", "train loss", "validation loss", "folds",
+                 "seed validation", "ours/seed"],
+                ours_rows,
+            ),
+            "",
+            "The seed's Table 1 (top 5 of 36; 3 folds, 20 epochs) beside ours:",
+            "",
+            md_table(
+                ["seed rank", "lr", "weight decay", "seed train", "seed validation",
+                 "our validation", "ours/seed"],
+                seed_rows,
+            ),
+            "",
+            f"**Best (lr, weight decay): lr {fmt_hp(best['lr'])}, weight decay "
+            f"{fmt_hp(best['weight_decay'])}** (validation loss "
+            f"{fmt_spread(best['val_loss_mean'], best['val_loss_std'])}). Seed: lr "
+            f"{fmt_hp(SEED_BEST_LR)}, weight decay {fmt_hp(SEED_BEST_WEIGHT_DECAY)} "
+            f"({fmt_loss(SEED_TABLE1[0].val_loss)}).",
+        ]
+    )
+
+
+def figure_markdown(layout: Layout, key: str) -> str:
+    fig = next(f for f in FIGURES if f.key == key)
+    link = Path(os.path.relpath(layout.figures_dir / fig.filename, layout.report.parent))
+    return f"![Figure {fig.key}]({link.as_posix()})\n\n*Figure {fig.key}: {fig.caption}*"
+
+
+def table2_section(sweep: pd.DataFrame, config: StudyConfig, layout: Layout) -> str:
+    ours = {int(row["size"]): row for _, row in sweep.iterrows()}
+    rows = []
+    for size in sorted(set(ours) | set(SEED_TABLE2)):
+        row = ours.get(size)
+        seed = SEED_TABLE2.get(size)
+        our_loss = None if row is None else float(row["test_loss"])
+        rows.append(
+            [
+                str(size),
+                DASH if row is None else str(int(row["rank"])),
+                DASH if row is None else fmt_spread(row["test_loss"], row["test_loss_std"]),
+                fmt_loss(seed), fmt_ratio(our_loss, seed),
+            ]
+        )
+    best = best_size_row(sweep)
+    s = config.sweep
+    return "\n".join(
+        [
+            "## Table 2: test loss against encoding size",
+            "",
+            f"Ours: the training set, {_count(s.epochs, 'epoch')}, ReduceLROnPlateau (patience "
+            f"{s.plateau_patience}); score = mean test loss of the last "
+            f"{_count(s.score_last, 'epoch')} (± their standard deviation). Seed: 50 epochs, "
+            f"mean of the last 5.",
+            "",
+            md_table(["size", "our rank", "our test loss", "seed test loss", "ours/seed"], rows),
+            "",
+            f"**Best size: {int(best['size'])}** (test loss {fmt_loss(best['test_loss'])}). "
+            f"Seed: {SEED_BEST_SIZE} ({fmt_loss(SEED_TABLE2[SEED_BEST_SIZE])}).",
+            "",
+            figure_markdown(layout, "1a"),
+        ]
+    )
+
+
+def final_section(tables: StudyTables, layout: Layout) -> str:
+    history = tables.final_history
+    sizes = sorted({int(s) for s in history["size"]})
+    size = ", ".join(str(s) for s in sizes) if sizes else DASH
+    epochs = str(int(history["epoch"].nunique())) if len(history) else DASH
+    test_mse = tables.final_metrics["test_mse"]
+    rows = [
+        ["encoding size", size, str(SEED_FINAL_SIZE), DASH],
+        ["epochs", epochs, "50", DASH],
+        ["test MSE", fmt_loss(test_mse), f"{SEED_FINAL_TEST_MSE:g}",
+         fmt_ratio(test_mse, SEED_FINAL_TEST_MSE)],
+    ]
+    rows += [
+        [name, fmt_loss(value), DASH, DASH]
+        for name, value in sorted(tables.final_metrics.items())
+        if name != "test_mse"
+    ]
+    return "\n".join(
+        [
+            "## Final model",
+            "",
+            md_table(["", "ours", "seed", "ours/seed"], rows),
+            "",
+            f"**Final test MSE: {fmt_loss(test_mse)}** (seed: {SEED_FINAL_TEST_MSE:g}, "
+            f"ratio {fmt_ratio(test_mse, SEED_FINAL_TEST_MSE)}).",
+            "",
+            figure_markdown(layout, "1b"),
+        ]
+    )
+
+
+def corruption_section(corruption: pd.DataFrame, layout: Layout) -> str:
+    rows = [
+        [str(row["kind"]), f"{row['level']:g}", fmt_loss(row["mse"]),
+         fmt_loss(row["baseline_mse"])]
+        for _, row in corruption.sort_values(["kind", "level"]).iterrows()
+    ]
+    return "\n".join(
+        [
+            "## Reconstruction under corruption",
+            "",
+            "MSE against the clean image: of the reconstruction (mse) and of the corrupted "
+            "input itself (baseline, doing nothing).",
+            "",
+            figure_markdown(layout, "2"),
+            "",
+            figure_markdown(layout, "3"),
+            "",
+            md_table(["kind", "level", "mse", "baseline"], rows),
+        ]
+    )
+
+
+def embedding_section(tables: StudyTables, layout: Layout) -> str:
+    rows = [[name, f"{value:.4f}"] for name, value in sorted(tables.embedding_metrics.items())]
+    emb = tables.embedding
+    dims = len(emb["z"].iloc[0]) if len(emb) else 0
+    return "\n".join(
+        [
+            "## Encoding space",
+            "",
+            f"{len(emb)} test images, encoding dimension {dims}, mapped to 2-D with t-SNE "
+            f"(seed: 2000 images, dimension 20).",
+            "",
+            figure_markdown(layout, "4"),
+            "",
+            "Cluster separation (k-NN accuracy: cross-validated; silhouette: -1 to 1):",
+            "",
+            md_table(["metric", "value"], rows) if rows else "(no metrics recorded)",
+        ]
+    )
+
+
+def render_report(
+    tables: StudyTables, config: StudyConfig, layout: Layout, today: date
+) -> str:
+    sections = [
+        header_section(config, today),
+        table1_section(tables.grid, config),
+        table2_section(tables.sweep, config, layout),
+        final_section(tables, layout),
+        corruption_section(tables.corruption, layout),
+        embedding_section(tables, layout),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def build_report(layout: Layout, config: StudyConfig, today: date | None = None) -> Path:
+    """Render the figures into ``layout.figures_dir`` and write ``layout.report`` atomically."""
+    tables = load_tables(layout)
+    render_figures(tables, layout)
+    text = render_report(tables, config, layout, today or date.today())
+    atomic_write_bytes(layout.report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return layout.report

@@ -1,0 +1,202 @@
+"""The parquet tables stages hand each other: the one module that owns their schemas.
+
+Every table is written atomically (a temporary file in the same folder, fsync, rename), so a
+reader never sees a half-written table, and checked against its schema when read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+N_PIXELS = 28 * 28
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "mnist": pa.schema(
+        [
+            ("idx", pa.int32()),
+            ("label", pa.uint8()),
+            ("pixels", pa.list_(pa.uint8(), N_PIXELS)),
+        ]
+    ),
+    "folds": pa.schema([("idx", pa.int32()), ("fold", pa.int32())]),
+    "grid_history": pa.schema(
+        [
+            ("lr", pa.float64()),
+            ("weight_decay", pa.float64()),
+            ("fold", pa.int32()),
+            ("epoch", pa.int32()),
+            ("train_loss", pa.float64()),
+            ("val_loss", pa.float64()),
+        ]
+    ),
+    "grid_summary": pa.schema(
+        [
+            ("rank", pa.int32()),
+            ("lr", pa.float64()),
+            ("weight_decay", pa.float64()),
+            ("train_loss_mean", pa.float64()),
+            ("train_loss_std", pa.float64()),
+            ("val_loss_mean", pa.float64()),
+            ("val_loss_std", pa.float64()),
+            ("n_folds", pa.int32()),
+        ]
+    ),
+    "sweep_history": pa.schema(
+        [
+            ("size", pa.int32()),
+            ("epoch", pa.int32()),
+            ("lr", pa.float64()),
+            ("train_loss", pa.float64()),
+            ("test_loss", pa.float64()),
+        ]
+    ),
+    "sweep_summary": pa.schema(
+        [
+            ("rank", pa.int32()),
+            ("size", pa.int32()),
+            ("test_loss", pa.float64()),
+            ("test_loss_std", pa.float64()),
+            ("train_loss", pa.float64()),
+            ("epochs_scored", pa.int32()),
+        ]
+    ),
+    "corruption": pa.schema(
+        [
+            ("kind", pa.string()),
+            ("level", pa.float64()),
+            ("mse", pa.float64()),
+            ("baseline_mse", pa.float64()),
+        ]
+    ),
+    "corruption_examples": pa.schema(
+        [
+            ("kind", pa.string()),
+            ("level", pa.float64()),
+            ("corrupted", pa.list_(pa.float32(), N_PIXELS)),
+            ("restored", pa.list_(pa.float32(), N_PIXELS)),
+        ]
+    ),
+    "embedding": pa.schema(
+        [
+            ("idx", pa.int32()),
+            ("label", pa.uint8()),
+            ("z", pa.list_(pa.float32())),
+            ("tsne_x", pa.float64()),
+            ("tsne_y", pa.float64()),
+        ]
+    ),
+    "metrics": pa.schema([("metric", pa.string()), ("value", pa.float64())]),
+}
+
+
+class TableError(RuntimeError):
+    """A stage table that is missing, unreadable or of the wrong shape."""
+
+
+@dataclass(frozen=True)
+class TableRef:
+    """A written table: where it is and the SHA-256 of its bytes (what a reader depends on)."""
+
+    path: str
+    sha256: str
+    rows: int
+
+
+def file_sha256(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
+    """Call ``write(tmp)`` then rename tmp onto ``path``; on any error nothing is left behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_table(
+    data: pd.DataFrame | pa.Table,
+    path: Path | str,
+    schema_name: str,
+    metadata: dict[str, str] | None = None,
+) -> TableRef:
+    """Cast ``data`` to its declared schema and write it atomically as zstd parquet."""
+    path = Path(path)
+    schema = SCHEMAS[schema_name]
+    if isinstance(data, pd.DataFrame):
+        missing = [name for name in schema.names if name not in data.columns]
+        if missing:
+            raise TableError(f"table {schema_name} is missing columns {missing}")
+        table = pa.Table.from_pandas(data[schema.names], preserve_index=False)
+    else:
+        table = data.select(schema.names)
+    table = table.cast(schema)
+    meta = {b"aemnist.schema": schema_name.encode()}
+    for key, value in (metadata or {}).items():
+        meta[f"aemnist.{key}".encode()] = str(value).encode()
+    table = table.replace_schema_metadata(meta)
+    atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return TableRef(path=str(path), sha256=file_sha256(path), rows=table.num_rows)
+
+
+def read_table(path: Path | str, schema_name: str) -> pa.Table:
+    """Read a stage table and check it against its declared schema."""
+    path = Path(path)
+    if not path.exists():
+        raise TableError(
+            f"table {path} does not exist; run the stage that writes it "
+            f"(`aemnist run` re-runs what is missing)"
+        )
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise TableError(
+            f"table {path} is damaged and cannot be read ({exc}); delete it and run "
+            f"`aemnist run` again to recompute it"
+        ) from exc
+    expected = SCHEMAS[schema_name]
+    actual = table.schema.remove_metadata()
+    if not actual.equals(expected):
+        raise TableError(
+            f"table {path} does not have the {schema_name} schema (expected {expected.names} "
+            f"with types {[str(t) for t in expected.types]}, found {actual.names} with "
+            f"{[str(t) for t in actual.types]}); delete it and run `aemnist run` again"
+        )
+    return table
+
+
+def read_frame(path: Path | str, schema_name: str) -> pd.DataFrame:
+    return read_table(path, schema_name).to_pandas()
+
+
+def table_metadata(path: Path | str) -> dict[str, str]:
+    """The ``aemnist.*`` key-value metadata of a parquet file (without the prefix)."""
+    meta = pq.read_schema(path).metadata or {}
+    return {
+        k.decode()[len("aemnist.") :]: v.decode()
+        for k, v in meta.items()
+        if k.decode().startswith("aemnist.")
+    }
+
+
+def metrics_frame(metrics: dict[str, float]) -> pd.DataFrame:
+    """A ``metrics`` table (metric, value) from a mapping."""
+    return pd.DataFrame({"metric": list(metrics), "value": [float(v) for v in metrics.values()]})

@@ -1,0 +1,244 @@
+"""MLflow: the one module that talks to the tracking store.
+
+One parent run per study, one nested run per task. Everything goes through an explicit
+``MlflowClient`` and run ids rather than MLflow's process-global active run, so tasks running
+in parallel threads or processes never log into each other's runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+EXPERIMENT = "aemnist"
+REGISTERED_MODEL = "aemnist-autoencoder"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# MLflow caps a parameter value at 6000 characters and a batch at 100 params / 1000 metrics.
+_PARAM_BATCH = 100
+_METRIC_BATCH = 1000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or used; says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class TrackingContext:
+    """Where a study logs: passed to every task so it can open its nested run."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+
+def embedded_tracking_uri(workdir: Path) -> str:
+    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+
+
+def resolve_tracking_uri(workdir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the embedded SQLite store in the work dir."""
+    return os.environ.get(TRACKING_ENV) or embedded_tracking_uri(workdir)
+
+
+def artifact_root(workdir: Path) -> str:
+    return (workdir / "mlartifacts").resolve().as_uri()
+
+
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, when a tracking server does not answer."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise TrackingError(
+            f"MLflow tracking server {tracking_uri} is unreachable ({exc}); start it "
+            f"(`aemnist server` or `mlflow server`) or unset {TRACKING_ENV} to use the "
+            f"embedded store in the work dir"
+        ) from exc
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and our create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _stringify(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) -> None:
+    items = [Param(k, _stringify(v)) for k, v in params.items()]
+    for start in range(0, len(items), _PARAM_BATCH):
+        client.log_batch(run_id, params=items[start : start + _PARAM_BATCH], synchronous=True)
+
+
+def start_study(
+    tracking_uri: str,
+    workdir: Path,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+) -> TrackingContext:
+    """Open the study's parent run (parameters: the whole resolved config)."""
+    check_reachable(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    try:
+        experiment_id = _experiment_id(
+            client,
+            EXPERIMENT,
+            None if tracking_uri.startswith("http") else artifact_root(workdir),
+        )
+    except Exception as exc:
+        raise TrackingError(
+            f"cannot open the MLflow store {tracking_uri} ({exc}); check {TRACKING_ENV} "
+            f"or that the work dir {workdir} is writable"
+        ) from exc
+    run = client.create_run(experiment_id, tags=dict(tags), run_name=run_name)
+    _log_params(client, run.info.run_id, params)
+    return TrackingContext(tracking_uri, experiment_id, run.info.run_id)
+
+
+def finish_study(ctx: TrackingContext, status: str = "FINISHED") -> None:
+    MlflowClient(ctx.tracking_uri).set_terminated(ctx.parent_run_id, status=status)
+
+
+class TaskRun:
+    """A nested run of the study's parent run: one per task."""
+
+    def __init__(self, ctx: TrackingContext, run_id: str) -> None:
+        self.ctx = ctx
+        self.run_id = run_id
+        self.client = MlflowClient(ctx.tracking_uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        _log_params(self.client, self.run_id, params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = _now_ms()
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        for start in range(0, len(items), _METRIC_BATCH):
+            self.client.log_batch(
+                self.run_id, metrics=items[start : start + _METRIC_BATCH], synchronous=True
+            )
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(
+            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True
+        )
+
+    def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_pytorch_model(
+        self, model: Any, input_example: Any, registered_name: str = REGISTERED_MODEL
+    ) -> str:
+        """Log ``model`` with its signature and input example and register it; returns the
+        registered version."""
+        import numpy as np
+        import torch
+        import torchvision
+        from mlflow.models import infer_signature
+
+        with torch.inference_mode():
+            output = model(torch.from_numpy(input_example)).numpy()
+        signature = infer_signature(input_example, output)
+        # Naming the requirements spares MLflow a slow subprocess that infers them.
+        requirements = [
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"numpy=={np.__version__}",
+        ]
+        # The model logger needs MLflow's global tracking URI, whose setter also exports it
+        # to the environment: restore both afterwards so nothing leaks into later runs.
+        env_before = os.environ.get(TRACKING_ENV)
+        mlflow.set_tracking_uri(self.ctx.tracking_uri)
+        try:
+            with mlflow.start_run(run_id=self.run_id):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name="model",
+                    signature=signature,
+                    input_example=input_example,
+                    registered_model_name=registered_name,
+                    pip_requirements=requirements,
+                )
+        finally:
+            mlflow.set_tracking_uri(None)
+            if env_before is not None:
+                os.environ[TRACKING_ENV] = env_before
+        version = info.registered_model_version
+        self.set_tags({"registered_model": f"{registered_name}/{version}"})
+        return str(version)
+
+
+@contextmanager
+def task_run(
+    ctx: TrackingContext,
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[TaskRun]:
+    """A nested run that ends FINISHED, or FAILED (with the error as a tag) if the body raises."""
+    client = MlflowClient(ctx.tracking_uri)
+    all_tags = {"mlflow.parentRunId": ctx.parent_run_id, **(tags or {})}
+    run = client.create_run(ctx.experiment_id, tags=all_tags, run_name=name)
+    tracked = TaskRun(ctx, run.info.run_id)
+    try:
+        if params:
+            tracked.log_params(params)
+        yield tracked
+    except BaseException as exc:
+        try:
+            tracked.set_tags(
+                {
+                    "error": f"{type(exc).__name__}: {exc}"[:5000],
+                    "error.traceback": traceback.format_exc()[-5000:],
+                }
+            )
+        finally:
+            client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    client.set_terminated(run.info.run_id, status="FINISHED")
+
+
+def log_to_parent(
+    ctx: TrackingContext,
+    metrics: Mapping[str, float] | None = None,
+    artifacts: list[tuple[Path, str | None]] | None = None,
+) -> None:
+    """Study-level results: headline metrics and the report with its figures."""
+    parent = TaskRun(ctx, ctx.parent_run_id)
+    if metrics:
+        parent.log_metrics(metrics)
+    for path, artifact_path in artifacts or []:
+        parent.log_artifact(path, artifact_path)

@@ -1,0 +1,52 @@
+"""Aggregation stages: Table 1 with the best optimiser settings, Table 2 with the best size."""
+
+from __future__ import annotations
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from aemnist.config import StudyConfig
+from aemnist.layout import Layout
+from aemnist.schemas import TableRef, read_frame, write_table
+from aemnist.summaries import grid_summary, sweep_summary
+from aemnist.tracking import TrackingContext, task_run
+from tasks.common import prefect_tags
+
+
+@task(name="grid-summary", cache_policy=NO_CACHE)
+def summarise_grid(
+    ctx: TrackingContext, layout: Layout, histories: list[TableRef]
+) -> tuple[TableRef, float, float]:
+    """Table 1 and the best (learning rate, weight decay) by mean validation loss."""
+    with task_run(ctx, "grid summary", {"tasks": len(histories)}, prefect_tags()) as run:
+        frames = [read_frame(ref.path, "grid_history") for ref in histories]
+        table = grid_summary(pd.concat(frames, ignore_index=True))
+        ref = write_table(table, layout.grid_summary, "grid_summary")
+        best = table.iloc[0]
+        run.log_metrics({"best_val_loss": best.val_loss_mean, "best_train_loss": best.train_loss_mean})
+        run.set_tags({"best_lr": f"{best.lr:g}", "best_weight_decay": f"{best.weight_decay:g}"})
+        run.log_artifact(ref.path, "tables")
+    get_run_logger().info(
+        "Table 1: best lr %g, weight decay %g, validation loss %.6f",
+        best.lr, best.weight_decay, best.val_loss_mean,
+    )
+    return ref, float(best.lr), float(best.weight_decay)
+
+
+@task(name="sweep-summary", cache_policy=NO_CACHE)
+def summarise_sweep(
+    ctx: TrackingContext, config: StudyConfig, layout: Layout, histories: list[TableRef]
+) -> tuple[TableRef, int]:
+    """Table 2 and the best encoding size by the mean test loss of the last epochs."""
+    with task_run(ctx, "sweep summary", {"tasks": len(histories)}, prefect_tags()) as run:
+        frames = [read_frame(ref.path, "sweep_history") for ref in histories]
+        table = sweep_summary(pd.concat(frames, ignore_index=True), config.sweep.score_last)
+        ref = write_table(table, layout.sweep_summary, "sweep_summary")
+        for row in table.itertuples():
+            run.log_metrics({"test_loss": row.test_loss}, step=int(row.size))
+        best = table.iloc[0]
+        run.set_tags({"best_size": str(int(best["size"]))})
+        run.log_artifact(ref.path, "tables")
+    get_run_logger().info("Table 2: best size %d, test loss %.6f", best["size"], best.test_loss)
+    return ref, int(best["size"])

@@ -1,0 +1,60 @@
+"""Shared fixtures for the test suite.
+
+Library fixtures: ``mnist_mirror`` (the local MNIST files) and ``mnist_tables`` (the parquet
+tables built from them once per session). End-to-end fixtures go below them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Prefect must not try to phone home from these offline machines; this has to be set before
+# any test module imports prefect.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from aemnist.data import MIRROR_ENV, PINS, download_mnist  # noqa: E402
+from aemnist.schemas import TableRef  # noqa: E402
+
+REPO_ROOT = Path(__file__).parents[1]
+DEFAULT_MIRROR = REPO_ROOT / ".." / "shared" / "data" / "mnist"
+
+
+# --- library fixtures ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mnist_mirror() -> Path:
+    """The folder holding the four MNIST files: $AEMNIST_MNIST_MIRROR, else ../shared/data/mnist."""
+    configured = os.environ.get(MIRROR_ENV)
+    folder = Path(configured) if configured else DEFAULT_MIRROR
+    folder = folder.resolve()
+    if not folder.is_dir():
+        pytest.fail(
+            f"MNIST mirror {folder} does not exist; set {MIRROR_ENV} to a folder holding the "
+            f"four MNIST files (train-images-idx3-ubyte.gz, ...), e.g. ../shared/data/mnist",
+            pytrace=False,
+        )
+    missing = [
+        name for name in PINS if not (folder / f"{name}.gz").exists() and not (folder / name).exists()
+    ]
+    if missing:
+        pytest.fail(
+            f"MNIST mirror {folder} lacks {', '.join(missing)}; set {MIRROR_ENV} to a folder "
+            f"holding the four MNIST files",
+            pytrace=False,
+        )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_tables(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> dict[str, TableRef]:
+    """``{"train": ref, "test": ref}``: the MNIST parquet tables, downloaded once per session.
+
+    Treat them as read-only; copy them to a test's own folder before changing anything."""
+    data_dir = tmp_path_factory.mktemp("mnist") / "data"
+    refs, fetched = download_mnist(data_dir, mnist_mirror)
+    assert fetched, "a fresh data dir must be fetched into"
+    return refs

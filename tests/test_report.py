@@ -1,0 +1,257 @@
+"""The report: tables, the seed's figures beside ours, figure files, and missing-table errors.
+
+Every table is synthetic but written through aemnist.schemas, so it has the real schema; the
+report is built once per module (rendering five figures takes about a second).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from aemnist import reference
+from aemnist.config import StudyConfig, load_config, save_config
+from aemnist.layout import Layout
+from aemnist.plots import digit_colour, spans_decades
+from aemnist.report import FIGURES, build_report, report_figures
+from aemnist.schemas import N_PIXELS, TableError, read_frame, write_table
+from aemnist.summaries import grid_summary, sweep_summary
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TODAY = date(2024, 1, 2)
+LEVELS = (0.0, 0.5, 1.0)
+SIZES = (4, 8)
+
+
+def _grid_history(config: StudyConfig) -> pd.DataFrame:
+    """lr 0.005 ends lower than lr 0.01, so our best lr differs from the seed's (0.01)."""
+    rows = []
+    for lr in config.grid.learning_rates:
+        for wd in config.grid.weight_decays:
+            for fold in range(config.grid.folds):
+                for epoch in (1, 2):
+                    base = 0.06 / epoch + (0.004 if lr == 0.01 else 0.0) + 0.001 * fold
+                    rows.append(
+                        {"lr": lr, "weight_decay": wd, "fold": fold, "epoch": epoch,
+                         "train_loss": base - 0.001, "val_loss": base}
+                    )
+    return pd.DataFrame(rows)
+
+
+def _sweep_history(sizes: tuple[int, ...], epochs: int = 3) -> pd.DataFrame:
+    """Losses fall with size, so the largest size is the best; the lr halves at epoch 3."""
+    rows = []
+    for size in sizes:
+        for epoch in range(1, epochs + 1):
+            loss = 0.2 / size + 0.05 / epoch
+            rows.append(
+                {"size": size, "epoch": epoch, "lr": 0.005 if epoch < 3 else 0.0025,
+                 "train_loss": loss * 0.95, "test_loss": loss}
+            )
+    return pd.DataFrame(rows)
+
+
+def _corruption() -> pd.DataFrame:
+    rows = []
+    for kind in ("noise", "occlusion"):
+        for level in LEVELS:
+            baseline = level**2 if kind == "noise" else 0.1 * level
+            rows.append(
+                {"kind": kind, "level": level, "mse": 0.012 + 0.05 * level,
+                 "baseline_mse": baseline}
+            )
+    return pd.DataFrame(rows)
+
+
+def _examples(rng: np.random.Generator) -> pd.DataFrame:
+    rows = [
+        {"kind": kind, "level": level,
+         "corrupted": rng.random(N_PIXELS, dtype=np.float32),
+         "restored": rng.random(N_PIXELS, dtype=np.float32)}
+        for kind in ("noise", "occlusion")
+        for level in LEVELS
+    ]
+    return pd.DataFrame(rows)
+
+
+def _embedding(rng: np.random.Generator, n: int = 50) -> pd.DataFrame:
+    labels = np.arange(n) % 10
+    centres = rng.normal(scale=20.0, size=(10, 2))
+    xy = centres[labels] + rng.normal(size=(n, 2))
+    return pd.DataFrame(
+        {"idx": np.arange(n), "label": labels,
+         "z": list(rng.normal(size=(n, 4)).astype(np.float32)),
+         "tsne_x": xy[:, 0], "tsne_y": xy[:, 1]}
+    )
+
+
+def _metrics(values: dict[str, float]) -> pd.DataFrame:
+    return pd.DataFrame({"metric": list(values), "value": list(values.values())})
+
+
+def write_study(root: Path) -> tuple[Layout, StudyConfig]:
+    """A complete smoke-profile work dir of synthetic, schema-correct tables."""
+    layout = Layout(root)
+    config = load_config("smoke")
+    root.mkdir(parents=True, exist_ok=True)
+    save_config(config, layout.config)
+    rng = np.random.default_rng(0)
+    write_table(grid_summary(_grid_history(config)), layout.grid_summary, "grid_summary")
+    write_table(
+        sweep_summary(_sweep_history(SIZES), score_last=2), layout.sweep_summary, "sweep_summary"
+    )
+    write_table(_sweep_history((8,), epochs=4), layout.final_history, "sweep_history")
+    write_table(_metrics({"test_mse": 0.0123, "train_mse": 0.0119}), layout.final_metrics,
+                "metrics")
+    write_table(_corruption(), layout.corruption, "corruption")
+    write_table(_examples(rng), layout.corruption_examples, "corruption_examples")
+    write_table(_embedding(rng), layout.embedding, "embedding")
+    write_table(
+        _metrics({"knn_accuracy_latent": 0.91, "knn_accuracy_tsne": 0.93,
+                  "silhouette_latent": 0.21, "silhouette_tsne": 0.45}),
+        layout.embedding_metrics, "metrics",
+    )
+    return layout, config
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Layout, StudyConfig, str]:
+    layout, config = write_study(tmp_path_factory.mktemp("study"))
+    path = build_report(layout, config, today=TODAY)
+    assert path == layout.report
+    return layout, config, path.read_text(encoding="utf-8")
+
+
+def test_report_has_header_with_profile_seed_config_hash_and_date(study):
+    _, config, text = study
+    assert "profile: **smoke**" in text
+    assert f"seed: {config.seed}" in text
+    assert config.config_hash()[:12] in text
+    assert TODAY.isoformat() in text
+
+
+def test_report_has_both_tables_and_the_seed_reference_figures(study):
+    _, _, text = study
+    assert "Table 1" in text and "Table 2" in text
+    for seed_figure in ("0.022443", "0.009258", "0.0086"):
+        assert seed_figure in text
+    for loss in reference.SEED_TABLE2.values():  # every size of the seed's Table 2
+        assert f"{loss:.6f}" in text
+
+
+def test_report_names_the_best_lr_and_weight_decay_of_our_grid(study):
+    layout, _, text = study
+    grid = read_frame(layout.grid_summary, "grid_summary")
+    best = grid.loc[grid["val_loss_mean"].idxmin()]
+    assert f"lr {best['lr']:g}, weight decay {best['weight_decay']:g}**" in text
+    assert best["lr"] == 0.005  # the synthetic grid's best is not the seed's best
+
+
+def test_report_names_the_best_size_of_our_sweep(study):
+    layout, _, text = study
+    sweep = read_frame(layout.sweep_summary, "sweep_summary")
+    best = sweep.loc[sweep["test_loss"].idxmin()]
+    assert f"**Best size: {int(best['size'])}**" in text
+    assert f"{best['test_loss']:.6f}" in text
+
+
+def test_report_gives_ratio_ours_over_seed_where_both_sides_have_a_row(study):
+    layout, _, text = study
+    sweep = read_frame(layout.sweep_summary, "sweep_summary").set_index("size")
+    ratio = sweep.loc[8, "test_loss"] / reference.SEED_TABLE2[8]
+    assert f"| {reference.SEED_TABLE2[8]:.6f} | {ratio:.2f} |" in text
+    grid = read_frame(layout.grid_summary, "grid_summary")
+    ours = grid[(grid["lr"] == 0.005) & (grid["weight_decay"] == 1e-5)].iloc[0]
+    seed = reference.seed_grid_row(0.005, 1e-5)
+    assert f"{ours['val_loss_mean'] / seed.val_loss:.2f}" in text
+    assert f"ratio {0.0123 / 0.0086:.2f}" in text
+
+
+def test_report_shows_a_dash_for_rows_only_one_side_has(study):
+    _, _, text = study
+    # size 2 is in the seed's Table 2 but not in the smoke sweep
+    assert "| 2 | — | — | 0.044586 | — |" in text
+    # the seed's best (lr 0.01, wd 5e-6) is not in the smoke grid
+    assert "| 1 | 0.01 | 5e-06 | 0.021793 | 0.022443 | — | — |" in text
+
+
+def test_report_links_every_figure_relative_to_the_report(study):
+    _, _, text = study
+    for fig in FIGURES:
+        assert f"](figures/{fig.filename})" in text
+        assert f"*Figure {fig.key}:" in text
+
+
+def test_report_has_corruption_and_embedding_tables(study):
+    _, _, text = study
+    assert "| kind | level | mse | baseline |" in text
+    assert "| noise | 1 | 0.062000 | 1.000000 |" in text
+    assert "| knn_accuracy_tsne | 0.9300 |" in text
+
+
+def test_every_figure_is_a_nontrivial_png(study):
+    layout, _, _ = study
+    paths = report_figures(layout)
+    assert [p.name for p in paths] == [
+        "fig1a_size_sweep.png", "fig1b_training_curves.png", "fig2_noise.png",
+        "fig3_occlusion.png", "fig4_tsne.png",
+    ]
+    for path in paths:
+        assert path.parent == layout.figures_dir
+        data = path.read_bytes()
+        assert data.startswith(PNG_SIGNATURE), path
+        assert len(data) > 5_000, path
+
+
+def test_report_leaves_no_temporary_files_behind(study):
+    layout, _, _ = study
+    leftovers = [p for p in layout.root.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize(
+    "table",
+    ["grid_summary", "sweep_summary", "final_history", "final_metrics", "corruption",
+     "corruption_examples", "embedding", "embedding_metrics"],
+)
+def test_missing_table_raises_table_error_naming_the_file(tmp_path, table):
+    layout, config = write_study(tmp_path / "study")
+    missing = getattr(layout, table)
+    missing.unlink()
+    with pytest.raises(TableError, match=str(missing)):
+        build_report(layout, config)
+    assert not layout.report.exists()
+
+
+def test_final_metrics_without_test_mse_raise_table_error_naming_the_file(tmp_path):
+    layout, config = write_study(tmp_path / "study")
+    write_table(_metrics({"train_mse": 0.01}), layout.final_metrics, "metrics")
+    with pytest.raises(TableError, match="test_mse") as err:
+        build_report(layout, config)
+    assert str(layout.final_metrics) in str(err.value)
+
+
+def test_seed_reference_holds_table1_top5_all_table2_sizes_and_final_mse():
+    assert len(reference.SEED_TABLE1) == 5
+    assert reference.seed_table1_frame()["val_loss"].is_monotonic_increasing
+    assert sorted(reference.SEED_TABLE2) == [2, 4, 6, 8, 10, 12, 15, 20, 25, 30]
+    assert reference.SEED_BEST_SIZE == reference.SEED_FINAL_SIZE == 20
+    assert reference.SEED_FINAL_TEST_MSE == 0.0086
+    assert reference.seed_grid_row(0.01, 5e-6).val_loss == 0.022443
+    assert reference.seed_grid_row(0.05, 5e-6) is None
+
+
+def test_loss_axes_go_log_only_when_values_span_a_decade():
+    assert spans_decades([0.0, 0.01, 1.0])  # zeros (level-0 baselines) are ignored
+    assert not spans_decades([0.009, 0.045])
+    assert not spans_decades([0.0, 0.01])
+
+
+def test_each_digit_has_one_tab10_colour():
+    colours = [digit_colour(d) for d in range(10)]
+    assert len(set(colours)) == 10
+    assert digit_colour(3) == colours[3]
