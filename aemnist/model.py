@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 
@@ -75,9 +76,19 @@ def build_autoencoder(size: int, seed: int) -> Autoencoder:
     """A freshly initialised autoencoder whose weights depend on ``seed`` alone."""
     with _INIT_LOCK:
         state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
         model = Autoencoder(size)
         torch.random.set_rng_state(state)
+    # Re-initialise from a private generator, as PyTorch's default init does from the global
+    # one (same draws in the same order, so the same weights as torch.manual_seed(seed) then
+    # Autoencoder(size)): another thread drawing from the global RNG cannot change them.
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+                fan_in, _ = nn.init._calculate_fan_in_and_fan_out(module.weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+                nn.init.uniform_(module.bias, -bound, bound, generator=generator)
     return model
 
 

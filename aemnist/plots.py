@@ -19,7 +19,6 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.gridspec import SubplotSpec  # noqa: E402
 
 from aemnist.reference import SEED_FINAL_SIZE, SEED_FINAL_TEST_MSE, SEED_TABLE2  # noqa: E402
 from aemnist.schemas import atomic_write_bytes  # noqa: E402
@@ -75,11 +74,20 @@ def plot_size_sweep(sweep_summary_df: pd.DataFrame, out: Path) -> Path:
     ax = fig.add_subplot()
     _loss_scale(ax, list(ours["test_loss"]) + seed_loss)
     ours_line = ax.errorbar(
-        ours["size"], ours["test_loss"], yerr=ours["test_loss_std"], color=OURS_COLOUR,
-        marker="o", capsize=3, label="ours",
+        ours["size"],
+        ours["test_loss"],
+        yerr=ours["test_loss_std"],
+        color=OURS_COLOUR,
+        marker="o",
+        capsize=3,
+        label="ours",
     )
     (seed_line,) = ax.plot(
-        seed_sizes, seed_loss, color=SEED_COLOUR, marker="s", linestyle="--",
+        seed_sizes,
+        seed_loss,
+        color=SEED_COLOUR,
+        marker="s",
+        linestyle="--",
         label="seed (Table 2)",
     )
     ax.set_xticks(sorted(set(seed_sizes) | set(ours["size"].astype(int))))
@@ -111,10 +119,19 @@ def plot_training_curves(final_history_df: pd.DataFrame, out: Path) -> Path:
         ax.plot(h["epoch"], h["train_loss"], color=TRAIN_COLOUR, marker=".", label="train" + suffix)
         ax.plot(h["epoch"], h["test_loss"], color=TEST_COLOUR, marker=".", label="test" + suffix)
         for i, epoch in enumerate(_lr_drops(h)):
-            ax.axvline(epoch, color="tab:green", alpha=0.4, linestyle=":",
-                       label="learning rate reduced" if i == 0 else None)
-    ax.axhline(SEED_FINAL_TEST_MSE, color=SEED_COLOUR, linestyle="--",
-               label=f"seed: final test MSE {SEED_FINAL_TEST_MSE:g} (size {SEED_FINAL_SIZE})")
+            ax.axvline(
+                epoch,
+                color="tab:green",
+                alpha=0.4,
+                linestyle=":",
+                label="learning rate reduced" if i == 0 else None,
+            )
+    ax.axhline(
+        SEED_FINAL_TEST_MSE,
+        color=SEED_COLOUR,
+        linestyle="--",
+        label=f"seed: final test MSE {SEED_FINAL_TEST_MSE:g} (size {SEED_FINAL_SIZE})",
+    )
     sizes = ", ".join(str(int(s)) for s, _ in groups)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (MSE)")
@@ -127,10 +144,21 @@ def plot_training_curves(final_history_df: pd.DataFrame, out: Path) -> Path:
 def _corruption_curve(ax: Axes, curve: pd.DataFrame, kind: str) -> None:
     curve = curve.sort_values("level")
     log = _loss_scale(ax, list(curve["mse"]) + list(curve["baseline_mse"]))
-    ax.plot(curve["level"], _positive(curve["mse"], log), marker="o", color=OURS_COLOUR,
-            label="reconstruction MSE (vs clean)")
-    ax.plot(curve["level"], _positive(curve["baseline_mse"], log), marker="s", linestyle="--",
-            color=SEED_COLOUR, label="baseline: corrupted input MSE")
+    ax.plot(
+        curve["level"],
+        _positive(curve["mse"], log),
+        marker="o",
+        color=OURS_COLOUR,
+        label="reconstruction MSE (vs clean)",
+    )
+    ax.plot(
+        curve["level"],
+        _positive(curve["baseline_mse"], log),
+        marker="s",
+        linestyle="--",
+        color=SEED_COLOUR,
+        label="baseline: corrupted input MSE",
+    )
     ax.set_xlabel(CORRUPTION_LABELS.get(kind, f"{kind} level"))
     ax.set_ylabel("MSE against the clean image")
     ax.set_title(f"Reconstruction under {kind}")
@@ -142,20 +170,33 @@ def _image(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).reshape(IMAGE_SHAPE)
 
 
-def _example_grid(fig: Figure, spec: SubplotSpec, examples: pd.DataFrame) -> None:
-    examples = examples.sort_values("level").reset_index(drop=True)
-    grid = spec.subgridspec(2, len(examples), wspace=0.05, hspace=0.15)
-    for col, row in examples.iterrows():
-        for line, (column, name) in enumerate((("corrupted", "corrupted"),
-                                               ("restored", "reconstructed"))):
-            ax = fig.add_subplot(grid[line, col])
-            ax.imshow(_image(row[column]), cmap="gray", vmin=0.0, vmax=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if line == 0:
-                ax.set_title(f"{row['level']:g}", fontsize=9)
-            if col == 0:
-                ax.set_ylabel(name, fontsize=9)
+def example_montage(examples: pd.DataFrame, gap: int = 3) -> np.ndarray:
+    """One array of the example images: corrupted in row 1, restored in row 2, one column
+    per level (in the frame's order), separated by ``gap`` pixels of NaN."""
+    h, w = IMAGE_SHAPE
+    n = len(examples)
+    montage = np.full((2 * h + gap, n * w + (n - 1) * gap), np.nan, dtype=np.float32)
+    for col, (_, row) in enumerate(examples.iterrows()):
+        x = col * (w + gap)
+        montage[:h, x : x + w] = _image(row["corrupted"])
+        montage[h + gap :, x : x + w] = _image(row["restored"])
+    return montage
+
+
+def _example_grid(ax: Axes, examples: pd.DataFrame) -> None:
+    examples = examples.sort_values("level")
+    h, w = IMAGE_SHAPE
+    gap = 3
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="white")
+    ax.imshow(example_montage(examples, gap), cmap=cmap, vmin=0.0, vmax=1.0)
+    ax.set_xticks([i * (w + gap) + w / 2 - 0.5 for i in range(len(examples))])
+    ax.set_xticklabels([f"{level:g}" for level in examples["level"]], fontsize=9)
+    ax.xaxis.set_ticks_position("top")
+    ax.set_yticks([h / 2 - 0.5, h + gap + h / 2 - 0.5])
+    ax.set_yticklabels(["corrupted", "reconstructed"], fontsize=9)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
 
 
 def plot_corruption(
@@ -168,14 +209,14 @@ def plot_corruption(
         raise ValueError(f"the corruption table has no rows of kind {kind!r}")
     examples = examples_df[examples_df["kind"] == kind]
     n = len(examples)
-    width = max(6.4, 0.95 * n + 0.8)
-    cell = min(1.2, (width - 0.8) / max(n, 1))  # inches per example image
-    heights = [4.0, 2 * cell + 0.5] if n else [4.0]
+    width = max(6.4, 0.95 * n + 1.4)
+    cell = min(1.2, (width - 1.4) / max(n, 1))  # inches per example image
+    heights = [4.0, 2 * cell + 0.35] if n else [4.0]
     fig = Figure(figsize=(width, sum(heights)), layout="constrained")
     spec = fig.add_gridspec(len(heights), 1, height_ratios=heights)
     _corruption_curve(fig.add_subplot(spec[0]), curve, kind)
     if n:
-        _example_grid(fig, spec[1], examples)
+        _example_grid(fig.add_subplot(spec[1]), examples)
     return _save(fig, out)
 
 
@@ -185,8 +226,14 @@ def plot_tsne(embedding_df: pd.DataFrame, out: Path) -> Path:
     ax = fig.add_subplot()
     for digit in sorted(int(d) for d in embedding_df["label"].unique()):
         points = embedding_df[embedding_df["label"] == digit]
-        ax.scatter(points["tsne_x"], points["tsne_y"], s=6, alpha=0.8,
-                   color=digit_colour(digit), label=str(digit))
+        ax.scatter(
+            points["tsne_x"],
+            points["tsne_y"],
+            s=6,
+            alpha=0.8,
+            color=digit_colour(digit),
+            label=str(digit),
+        )
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
     ax.set_title(f"Encoding space, t-SNE ({len(embedding_df)} test images)")

@@ -39,16 +39,27 @@ class ReportFigure:
 
 
 FIGURES: tuple[ReportFigure, ...] = (
-    ReportFigure("1a", "fig1a_size_sweep.png",
-           "test loss against encoding size, ours and the seed's Table 2."),
-    ReportFigure("1b", "fig1b_training_curves.png",
-           "training and test loss of the final model against epoch."),
-    ReportFigure("2", "fig2_noise.png",
-           "MSE against noise level, and one test image corrupted and reconstructed at each "
-           "level."),
-    ReportFigure("3", "fig3_occlusion.png",
-           "MSE against occlusion level, and one test image corrupted and reconstructed at "
-           "each level."),
+    ReportFigure(
+        "1a",
+        "fig1a_size_sweep.png",
+        "test loss against encoding size, ours and the seed's Table 2.",
+    ),
+    ReportFigure(
+        "1b",
+        "fig1b_training_curves.png",
+        "training and test loss of the final model against epoch.",
+    ),
+    ReportFigure(
+        "2",
+        "fig2_noise.png",
+        "MSE against noise level, and one test image corrupted and reconstructed at each level.",
+    ),
+    ReportFigure(
+        "3",
+        "fig3_occlusion.png",
+        "MSE against occlusion level, and one test image corrupted and reconstructed at "
+        "each level.",
+    ),
     ReportFigure("4", "fig4_tsne.png", "t-SNE map of the encoding space, coloured by digit."),
 )
 
@@ -197,10 +208,13 @@ def table1_section(grid: pd.DataFrame, config: StudyConfig) -> str:
         seed_val = seed.val_loss if seed else None
         ours_rows.append(
             [
-                str(int(row["rank"])), fmt_hp(row["lr"]), fmt_hp(row["weight_decay"]),
+                str(int(row["rank"])),
+                fmt_hp(row["lr"]),
+                fmt_hp(row["weight_decay"]),
                 fmt_spread(row["train_loss_mean"], row["train_loss_std"]),
                 fmt_spread(row["val_loss_mean"], row["val_loss_std"]),
-                str(int(row["n_folds"])), fmt_loss(seed_val),
+                str(int(row["n_folds"])),
+                fmt_loss(seed_val),
                 fmt_ratio(row["val_loss_mean"], seed_val),
             ]
         )
@@ -210,8 +224,13 @@ def table1_section(grid: pd.DataFrame, config: StudyConfig) -> str:
         our_val = None if ours is None else float(ours["val_loss_mean"])
         seed_rows.append(
             [
-                str(rank), fmt_hp(seed.lr), fmt_hp(seed.weight_decay), fmt_loss(seed.train_loss),
-                fmt_loss(seed.val_loss), fmt_loss(our_val), fmt_ratio(our_val, seed.val_loss),
+                str(rank),
+                fmt_hp(seed.lr),
+                fmt_hp(seed.weight_decay),
+                fmt_loss(seed.train_loss),
+                fmt_loss(seed.val_loss),
+                fmt_loss(our_val),
+                fmt_ratio(our_val, seed.val_loss),
             ]
         )
     best = best_grid_row(grid)
@@ -225,16 +244,31 @@ def table1_section(grid: pd.DataFrame, config: StudyConfig) -> str:
             f"{g.size}; loss of the last epoch, mean ± standard deviation over folds.",
             "",
             md_table(
-                ["rank", "lr", "weight decay", "train loss", "validation loss", "folds",
-                 "seed validation", "ours/seed"],
+                [
+                    "rank",
+                    "lr",
+                    "weight decay",
+                    "train loss",
+                    "validation loss",
+                    "folds",
+                    "seed validation",
+                    "ours/seed",
+                ],
                 ours_rows,
             ),
             "",
             "The seed's Table 1 (top 5 of 36; 3 folds, 20 epochs) beside ours:",
             "",
             md_table(
-                ["seed rank", "lr", "weight decay", "seed train", "seed validation",
-                 "our validation", "ours/seed"],
+                [
+                    "seed rank",
+                    "lr",
+                    "weight decay",
+                    "seed train",
+                    "seed validation",
+                    "our validation",
+                    "ours/seed",
+                ],
                 seed_rows,
             ),
             "",
@@ -265,7 +299,8 @@ def table2_section(sweep: pd.DataFrame, config: StudyConfig, layout: Layout) -> 
                 str(size),
                 DASH if row is None else str(int(row["rank"])),
                 DASH if row is None else fmt_spread(row["test_loss"], row["test_loss_std"]),
-                fmt_loss(seed), fmt_ratio(our_loss, seed),
+                fmt_loss(seed),
+                fmt_ratio(our_loss, seed),
             ]
         )
     best = best_size_row(sweep)
@@ -298,8 +333,12 @@ def final_section(tables: StudyTables, layout: Layout) -> str:
     rows = [
         ["encoding size", size, str(SEED_FINAL_SIZE), DASH],
         ["epochs", epochs, "50", DASH],
-        ["test MSE", fmt_loss(test_mse), f"{SEED_FINAL_TEST_MSE:g}",
-         fmt_ratio(test_mse, SEED_FINAL_TEST_MSE)],
+        [
+            "test MSE",
+            fmt_loss(test_mse),
+            f"{SEED_FINAL_TEST_MSE:g}",
+            fmt_ratio(test_mse, SEED_FINAL_TEST_MSE),
+        ],
     ]
     rows += [
         [name, fmt_loss(value), DASH, DASH]
@@ -322,8 +361,7 @@ def final_section(tables: StudyTables, layout: Layout) -> str:
 
 def corruption_section(corruption: pd.DataFrame, layout: Layout) -> str:
     rows = [
-        [str(row["kind"]), f"{row['level']:g}", fmt_loss(row["mse"]),
-         fmt_loss(row["baseline_mse"])]
+        [str(row["kind"]), f"{row['level']:g}", fmt_loss(row["mse"]), fmt_loss(row["baseline_mse"])]
         for _, row in corruption.sort_values(["kind", "level"]).iterrows()
     ]
     return "\n".join(
@@ -362,9 +400,7 @@ def embedding_section(tables: StudyTables, layout: Layout) -> str:
     )
 
 
-def render_report(
-    tables: StudyTables, config: StudyConfig, layout: Layout, today: date
-) -> str:
+def render_report(tables: StudyTables, config: StudyConfig, layout: Layout, today: date) -> str:
     sections = [
         header_section(config, today),
         table1_section(tables.grid, config),

@@ -10,10 +10,16 @@ import time
 from pathlib import Path
 
 from aemnist.config import PROFILES, ConfigError, load_config, read_saved_config
-from aemnist.data import MIRROR_ENV, DataError
+from aemnist.data import MIRROR_ENV, DataError, ensure_writable
 from aemnist.layout import Layout
 from aemnist.schemas import TableError
-from aemnist.tracking import TRACKING_ENV, TrackingError, embedded_tracking_uri
+from aemnist.tracking import (
+    TRACKING_ENV,
+    TrackingError,
+    check_reachable,
+    embedded_tracking_uri,
+    resolve_tracking_uri,
+)
 
 DEFAULT_WORKDIR = "aemnist-runs"
 # Errors that are the user's to fix: one line, no traceback.
@@ -94,6 +100,8 @@ def _run(args: argparse.Namespace) -> int:
     overrides = {"seed": args.seed} if args.seed is not None else None
     config = load_config(args.profile, args.config, overrides)
     workdir = args.workdir.resolve()
+    ensure_writable(workdir)
+    check_reachable(resolve_tracking_uri(workdir))
 
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -127,11 +135,18 @@ def _ui(args: argparse.Namespace) -> int:
             f"first or pass the work dir of an earlier study with --workdir"
         )
     command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", embedded_tracking_uri(workdir),
-        "--default-artifact-root", (workdir / "mlartifacts").as_uri(),
-        "--host", args.host,
-        "--port", str(args.port),
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        embedded_tracking_uri(workdir),
+        "--default-artifact-root",
+        (workdir / "mlartifacts").as_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
     ]
     print(f"MLflow UI on http://{args.host}:{args.port} (store: {workdir}); Ctrl-C stops it.")
     return subprocess.call(command)

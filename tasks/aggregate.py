@@ -24,12 +24,16 @@ def summarise_grid(
         table = grid_summary(pd.concat(frames, ignore_index=True))
         ref = write_table(table, layout.grid_summary, "grid_summary")
         best = table.iloc[0]
-        run.log_metrics({"best_val_loss": best.val_loss_mean, "best_train_loss": best.train_loss_mean})
+        run.log_metrics(
+            {"best_val_loss": best.val_loss_mean, "best_train_loss": best.train_loss_mean}
+        )
         run.set_tags({"best_lr": f"{best.lr:g}", "best_weight_decay": f"{best.weight_decay:g}"})
         run.log_artifact(ref.path, "tables")
     get_run_logger().info(
         "Table 1: best lr %g, weight decay %g, validation loss %.6f",
-        best.lr, best.weight_decay, best.val_loss_mean,
+        best.lr,
+        best.weight_decay,
+        best.val_loss_mean,
     )
     return ref, float(best.lr), float(best.weight_decay)
 

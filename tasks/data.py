@@ -22,7 +22,8 @@ def download(ctx: TrackingContext, layout: Layout, mirror: str | None) -> dict[s
         run.log_metrics({f"{split}_rows": ref.rows for split, ref in refs.items()})
         run.set_tags({"fetched": str(fetched)})
     logger.info(
-        "MNIST %s: %s", "downloaded and verified" if fetched else "already verified, nothing fetched",
+        "MNIST %s: %s",
+        "downloaded and verified" if fetched else "already verified, nothing fetched",
         ", ".join(f"{s} {r.rows} rows" for s, r in refs.items()),
     )
     return refs
@@ -32,7 +33,9 @@ def download(ctx: TrackingContext, layout: Layout, mirror: str | None) -> dict[s
 def assign_folds(
     ctx: TrackingContext, config: StudyConfig, layout: Layout, train: TableRef
 ) -> TableRef:
-    with task_run(ctx, "folds", {"folds": config.grid.folds, "seed": config.seed}, prefect_tags()) as run:
+    with task_run(
+        ctx, "folds", {"folds": config.grid.folds, "seed": config.seed}, prefect_tags()
+    ) as run:
         images = load_images(train.path, config.data.train_limit)
         table = make_folds(images.idx, images.labels, config.grid.folds, config.seed)
         ref = write_table(table, layout.folds, "folds")

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from aemnist.config import StudyConfig, save_config
 from aemnist.data import ensure_writable
@@ -53,9 +53,14 @@ def write_report(ctx: TrackingContext, config: StudyConfig, layout: Layout) -> P
     artifacts = [(path, None)] + [(fig, "figures") for fig in report_figures(layout)]
     artifacts += [(layout.grid_summary, "tables"), (layout.sweep_summary, "tables")]
     final = read_frame(layout.final_metrics, "metrics").set_index("metric")["value"]
-    log_to_parent(ctx, metrics={f"final_{k}": float(v) for k, v in final.items()}, artifacts=artifacts)
+    log_to_parent(
+        ctx, metrics={f"final_{k}": float(v) for k, v in final.items()}, artifacts=artifacts
+    )
     create_markdown_artifact(path.read_text(), key="aemnist-report", description="Study report")
-    for key, table in (("aemnist-table-1", layout.grid_summary), ("aemnist-table-2", layout.sweep_summary)):
+    for key, table in (
+        ("aemnist-table-1", layout.grid_summary),
+        ("aemnist-table-2", layout.sweep_summary),
+    ):
         schema = "grid_summary" if table == layout.grid_summary else "sweep_summary"
         create_table_artifact(read_frame(table, schema).to_dict(orient="records"), key=key)
     get_run_logger().info("report written to %s", path)

@@ -13,8 +13,8 @@ from aemnist.layout import Layout
 from aemnist.model import save_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, read_frame, write_table
-from aemnist.training import EpochResult, evaluate, train_fold, train_size
 from aemnist.tracking import TaskRun, TrackingContext, task_run
+from aemnist.training import EpochResult, evaluate, train_fold, train_size
 from tasks.common import prefect_tags
 
 
@@ -28,14 +28,22 @@ def _epoch_logger(run: TaskRun, label: str, eval_name: str, epochs: int):  # noq
         )
         logger.info(
             "%s epoch %d/%d: train %.5f, %s %.5f",
-            label, result.epoch, epochs, result.train_loss, eval_name, result.eval_loss,
+            label,
+            result.epoch,
+            epochs,
+            result.train_loss,
+            eval_name,
+            result.eval_loss,
         )
 
     return on_epoch
 
 
-@task(name="grid-fold", task_run_name="grid lr={lr:g} wd={weight_decay:g} fold={fold}",
-      cache_policy=NO_CACHE)
+@task(
+    name="grid-fold",
+    task_run_name="grid lr={lr:g} wd={weight_decay:g} fold={fold}",
+    cache_policy=NO_CACHE,
+)
 def grid_fold(
     ctx: TrackingContext,
     config: StudyConfig,
@@ -49,9 +57,15 @@ def grid_fold(
 ) -> TableRef:
     """Train on every fold but ``fold`` and record the per-epoch validation loss."""
     label = f"grid lr={lr:g} wd={weight_decay:g} fold={fold}"
-    params = {"stage": "grid", "lr": lr, "weight_decay": weight_decay, "fold": fold,
-              "size": config.grid.size, "epochs": config.grid.epochs,
-              "batch_size": config.training.batch_size}
+    params = {
+        "stage": "grid",
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "fold": fold,
+        "size": config.grid.size,
+        "epochs": config.grid.epochs,
+        "batch_size": config.training.batch_size,
+    }
     with task_run(ctx, label, params, {"stage": "grid", **prefect_tags()}) as run:
         maybe_fail("grid", lr=lr, weight_decay=weight_decay, fold=fold)
         set_torch_threads(threads)
@@ -87,9 +101,15 @@ def sweep_size(
 ) -> TableRef:
     """Train at one encoding size on the whole training set, test loss each epoch."""
     label = f"sweep size={size}"
-    params = {"stage": "sweep", "size": size, "lr": lr, "weight_decay": weight_decay,
-              "epochs": config.sweep.epochs, "plateau_patience": config.sweep.plateau_patience,
-              "batch_size": config.training.batch_size}
+    params = {
+        "stage": "sweep",
+        "size": size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "epochs": config.sweep.epochs,
+        "plateau_patience": config.sweep.plateau_patience,
+        "batch_size": config.training.batch_size,
+    }
     with task_run(ctx, label, params, {"stage": "sweep", **prefect_tags()}) as run:
         maybe_fail("sweep", size=size)
         set_torch_threads(threads)
@@ -125,9 +145,15 @@ def final_model(
 ) -> TableRef:
     """Train the final model; save its checkpoint; log and register it in MLflow."""
     label = f"final size={size}"
-    params = {"stage": "final", "size": size, "lr": lr, "weight_decay": weight_decay,
-              "epochs": config.final.epochs, "plateau_patience": config.sweep.plateau_patience,
-              "batch_size": config.training.batch_size}
+    params = {
+        "stage": "final",
+        "size": size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "epochs": config.final.epochs,
+        "plateau_patience": config.sweep.plateau_patience,
+        "batch_size": config.training.batch_size,
+    }
     with task_run(ctx, label, params, {"stage": "final", **prefect_tags()}) as run:
         maybe_fail("final", size=size)
         set_torch_threads(threads)
@@ -160,6 +186,7 @@ def final_model(
         for path in (layout.final_history, layout.final_metrics, layout.final_model):
             run.log_artifact(path, "final")
         version = run.log_pytorch_model(model, test_set.images[:4].numpy().astype(np.float32))
-        get_run_logger().info("final model: test MSE %.6f, registered version %s", test_mse, version)
+        get_run_logger().info(
+            "final model: test MSE %.6f, registered version %s", test_mse, version
+        )
     return ref
-

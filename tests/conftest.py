@@ -7,9 +7,11 @@ tables built from them once per session). End-to-end fixtures go below them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 # Prefect must not try to phone home from these offline machines; this has to be set before
 # any test module imports prefect.
@@ -38,7 +40,9 @@ def mnist_mirror() -> Path:
             pytrace=False,
         )
     missing = [
-        name for name in PINS if not (folder / f"{name}.gz").exists() and not (folder / name).exists()
+        name
+        for name in PINS
+        if not (folder / f"{name}.gz").exists() and not (folder / name).exists()
     ]
     if missing:
         pytest.fail(
@@ -50,7 +54,9 @@ def mnist_mirror() -> Path:
 
 
 @pytest.fixture(scope="session")
-def mnist_tables(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> dict[str, TableRef]:
+def mnist_tables(
+    tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path
+) -> dict[str, TableRef]:
     """``{"train": ref, "test": ref}``: the MNIST parquet tables, downloaded once per session.
 
     Treat them as read-only; copy them to a test's own folder before changing anything."""
@@ -58,3 +64,14 @@ def mnist_tables(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -
     refs, fetched = download_mnist(data_dir, mnist_mirror)
     assert fetched, "a fresh data dir must be fetched into"
     return refs
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread() -> Iterator[None]:
+    """Run a module's torch work on one thread (``pytestmark = usefixtures(...)``): the small
+    batches of unit tests gain nothing from two, and on a shared two-core machine two OpenMP
+    threads per process can slow training down many times over."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -9,7 +9,14 @@ from typing import Any
 
 import pytest
 
-from aemnist.config import PROFILES, ConfigError, StudyConfig, load_config
+from aemnist.config import (
+    PROFILES,
+    ConfigError,
+    StudyConfig,
+    load_config,
+    read_saved_config,
+    save_config,
+)
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -147,3 +154,20 @@ def test_config_hash_changes_when_a_field_changes(overrides: dict[str, Any]) -> 
 def test_config_hash_differs_between_profiles() -> None:
     hashes = {load_config(p).config_hash() for p in PROFILES}
     assert len(hashes) == len(PROFILES)
+
+
+def test_saved_config_reads_back_equal_with_the_same_hash(tmp_path: Path) -> None:
+    config = load_config("smoke", overrides={"grid": {"epochs": 2}})
+    path = tmp_path / "config.json"
+
+    save_config(config, path)
+    again = read_saved_config(path)
+
+    assert again == config
+    assert again.config_hash() == config.config_hash()
+
+
+def test_reading_a_missing_saved_config_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        read_saved_config(path)

@@ -31,9 +31,7 @@ from aemnist.schemas import TableRef, read_table
 
 def idx_payload(array: np.ndarray) -> bytes:
     """An IDX file of unsigned bytes holding ``array``."""
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(
-        f">{array.ndim}I", *array.shape
-    )
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     return header + array.astype(np.uint8).tobytes()
 
 

@@ -16,8 +16,8 @@ import pytest
 from aemnist import reference
 from aemnist.config import StudyConfig, load_config, save_config
 from aemnist.layout import Layout
-from aemnist.plots import digit_colour, spans_decades
-from aemnist.report import FIGURES, build_report, report_figures
+from aemnist.plots import digit_colour, example_montage, spans_decades
+from aemnist.report import FIGURES, build_report, load_tables, render_report, report_figures
 from aemnist.schemas import N_PIXELS, TableError, read_frame, write_table
 from aemnist.summaries import grid_summary, sweep_summary
 
@@ -36,8 +36,14 @@ def _grid_history(config: StudyConfig) -> pd.DataFrame:
                 for epoch in (1, 2):
                     base = 0.06 / epoch + (0.004 if lr == 0.01 else 0.0) + 0.001 * fold
                     rows.append(
-                        {"lr": lr, "weight_decay": wd, "fold": fold, "epoch": epoch,
-                         "train_loss": base - 0.001, "val_loss": base}
+                        {
+                            "lr": lr,
+                            "weight_decay": wd,
+                            "fold": fold,
+                            "epoch": epoch,
+                            "train_loss": base - 0.001,
+                            "val_loss": base,
+                        }
                     )
     return pd.DataFrame(rows)
 
@@ -49,8 +55,13 @@ def _sweep_history(sizes: tuple[int, ...], epochs: int = 3) -> pd.DataFrame:
         for epoch in range(1, epochs + 1):
             loss = 0.2 / size + 0.05 / epoch
             rows.append(
-                {"size": size, "epoch": epoch, "lr": 0.005 if epoch < 3 else 0.0025,
-                 "train_loss": loss * 0.95, "test_loss": loss}
+                {
+                    "size": size,
+                    "epoch": epoch,
+                    "lr": 0.005 if epoch < 3 else 0.0025,
+                    "train_loss": loss * 0.95,
+                    "test_loss": loss,
+                }
             )
     return pd.DataFrame(rows)
 
@@ -61,17 +72,24 @@ def _corruption() -> pd.DataFrame:
         for level in LEVELS:
             baseline = level**2 if kind == "noise" else 0.1 * level
             rows.append(
-                {"kind": kind, "level": level, "mse": 0.012 + 0.05 * level,
-                 "baseline_mse": baseline}
+                {
+                    "kind": kind,
+                    "level": level,
+                    "mse": 0.012 + 0.05 * level,
+                    "baseline_mse": baseline,
+                }
             )
     return pd.DataFrame(rows)
 
 
 def _examples(rng: np.random.Generator) -> pd.DataFrame:
     rows = [
-        {"kind": kind, "level": level,
-         "corrupted": rng.random(N_PIXELS, dtype=np.float32),
-         "restored": rng.random(N_PIXELS, dtype=np.float32)}
+        {
+            "kind": kind,
+            "level": level,
+            "corrupted": rng.random(N_PIXELS, dtype=np.float32),
+            "restored": rng.random(N_PIXELS, dtype=np.float32),
+        }
         for kind in ("noise", "occlusion")
         for level in LEVELS
     ]
@@ -83,9 +101,13 @@ def _embedding(rng: np.random.Generator, n: int = 50) -> pd.DataFrame:
     centres = rng.normal(scale=20.0, size=(10, 2))
     xy = centres[labels] + rng.normal(size=(n, 2))
     return pd.DataFrame(
-        {"idx": np.arange(n), "label": labels,
-         "z": list(rng.normal(size=(n, 4)).astype(np.float32)),
-         "tsne_x": xy[:, 0], "tsne_y": xy[:, 1]}
+        {
+            "idx": np.arange(n),
+            "label": labels,
+            "z": list(rng.normal(size=(n, 4)).astype(np.float32)),
+            "tsne_x": xy[:, 0],
+            "tsne_y": xy[:, 1],
+        }
     )
 
 
@@ -105,15 +127,23 @@ def write_study(root: Path) -> tuple[Layout, StudyConfig]:
         sweep_summary(_sweep_history(SIZES), score_last=2), layout.sweep_summary, "sweep_summary"
     )
     write_table(_sweep_history((8,), epochs=4), layout.final_history, "sweep_history")
-    write_table(_metrics({"test_mse": 0.0123, "train_mse": 0.0119}), layout.final_metrics,
-                "metrics")
+    write_table(
+        _metrics({"test_mse": 0.0123, "train_mse": 0.0119}), layout.final_metrics, "metrics"
+    )
     write_table(_corruption(), layout.corruption, "corruption")
     write_table(_examples(rng), layout.corruption_examples, "corruption_examples")
     write_table(_embedding(rng), layout.embedding, "embedding")
     write_table(
-        _metrics({"knn_accuracy_latent": 0.91, "knn_accuracy_tsne": 0.93,
-                  "silhouette_latent": 0.21, "silhouette_tsne": 0.45}),
-        layout.embedding_metrics, "metrics",
+        _metrics(
+            {
+                "knn_accuracy_latent": 0.91,
+                "knn_accuracy_tsne": 0.93,
+                "silhouette_latent": 0.21,
+                "silhouette_tsne": 0.45,
+            }
+        ),
+        layout.embedding_metrics,
+        "metrics",
     )
     return layout, config
 
@@ -132,6 +162,16 @@ def test_report_has_header_with_profile_seed_config_hash_and_date(study):
     assert f"seed: {config.seed}" in text
     assert config.config_hash()[:12] in text
     assert TODAY.isoformat() in text
+
+
+def test_only_the_first_eight_header_lines_depend_on_the_date(study):
+    """`aemnist report` rebuilds compare everything after line 8 (tests/test_study_e2e.py)."""
+    layout, config, _ = study
+    tables = load_tables(layout)
+    first = render_report(tables, config, layout, date(2024, 1, 2)).split("\n", 8)
+    second = render_report(tables, config, layout, date(2025, 6, 7)).split("\n", 8)
+    assert first[8] == second[8]
+    assert "2024-01-02" in "\n".join(first[:8]) and "2024-01-02" not in first[8]
 
 
 def test_report_has_both_tables_and_the_seed_reference_figures(study):
@@ -197,8 +237,11 @@ def test_every_figure_is_a_nontrivial_png(study):
     layout, _, _ = study
     paths = report_figures(layout)
     assert [p.name for p in paths] == [
-        "fig1a_size_sweep.png", "fig1b_training_curves.png", "fig2_noise.png",
-        "fig3_occlusion.png", "fig4_tsne.png",
+        "fig1a_size_sweep.png",
+        "fig1b_training_curves.png",
+        "fig2_noise.png",
+        "fig3_occlusion.png",
+        "fig4_tsne.png",
     ]
     for path in paths:
         assert path.parent == layout.figures_dir
@@ -215,8 +258,16 @@ def test_report_leaves_no_temporary_files_behind(study):
 
 @pytest.mark.parametrize(
     "table",
-    ["grid_summary", "sweep_summary", "final_history", "final_metrics", "corruption",
-     "corruption_examples", "embedding", "embedding_metrics"],
+    [
+        "grid_summary",
+        "sweep_summary",
+        "final_history",
+        "final_metrics",
+        "corruption",
+        "corruption_examples",
+        "embedding",
+        "embedding_metrics",
+    ],
 )
 def test_missing_table_raises_table_error_naming_the_file(tmp_path, table):
     layout, config = write_study(tmp_path / "study")
@@ -255,3 +306,13 @@ def test_each_digit_has_one_tab10_colour():
     colours = [digit_colour(d) for d in range(10)]
     assert len(set(colours)) == 10
     assert digit_colour(3) == colours[3]
+
+
+def test_example_montage_puts_corrupted_above_restored_one_column_per_level():
+    examples = _examples(np.random.default_rng(1)).query("kind == 'noise'")
+    montage = example_montage(examples, gap=3)
+    assert montage.shape == (2 * 28 + 3, 3 * 28 + 2 * 3)
+    first = examples.iloc[0]
+    np.testing.assert_allclose(montage[:28, :28].ravel(), first["corrupted"])
+    np.testing.assert_allclose(montage[31:, :28].ravel(), first["restored"])
+    assert np.isnan(montage[28:31]).all()  # the gap between the rows

@@ -81,7 +81,8 @@ def test_reading_a_table_with_a_wrong_column_type_raises_table_error_naming_the_
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "folds.parquet"
-    pq.write_table(pa.table({"idx": pa.array([1], pa.int64()), "fold": pa.array([0], pa.int32())}), path)
+    wide_idx = pa.table({"idx": pa.array([1], pa.int64()), "fold": pa.array([0], pa.int32())})
+    pq.write_table(wide_idx, path)
 
     with pytest.raises(TableError, match=re.escape(str(path))):
         read_table(path, "folds")

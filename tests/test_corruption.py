@@ -1,0 +1,160 @@
+"""aemnist.corruption: noise and occlusion, and the reconstruction error under them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from aemnist.corruption import KINDS, corrupt, corruption_curves, corruption_examples, occlude
+from aemnist.data import ImageSet, load_images
+from aemnist.model import Autoencoder, build_autoencoder
+from aemnist.schemas import SCHEMAS, TableRef, read_table, write_table
+from aemnist.training import fit
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.fixture(scope="module")
+def clean_images(mnist_tables: dict[str, TableRef]) -> torch.Tensor:
+    """The first 500 real test images."""
+    return load_images(mnist_tables["test"].path, limit=500).images
+
+
+@pytest.fixture(scope="module")
+def trained_model(mnist_tables: dict[str, TableRef], clean_images: torch.Tensor) -> Autoencoder:
+    """An autoencoder trained for one epoch on 3000 real training images."""
+    train: ImageSet = load_images(mnist_tables["train"].path, limit=3000)
+    model = build_autoencoder(8, seed=0)
+    fit(
+        model,
+        train.images,
+        clean_images,
+        lr=2e-3,
+        weight_decay=0.0,
+        epochs=1,
+        batch_size=16,
+        seed=0,
+    )
+    return model.eval()
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_level_zero_is_the_identity(kind: str, clean_images: torch.Tensor) -> None:
+    out = corrupt(clean_images, kind, 0.0, gen())
+
+    assert torch.equal(out, clean_images)
+    assert out.data_ptr() != clean_images.data_ptr()  # a copy, safe to change
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.9, 1.0])
+def test_occlusion_zeroes_that_fraction_of_every_images_pixels(fraction: float) -> None:
+    images = torch.ones(20, 1, 28, 28)
+
+    out = occlude(images, fraction, gen())
+
+    zeros = (out == 0).reshape(20, -1).sum(dim=1)
+    assert zeros.tolist() == [round(fraction * 784)] * 20
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_occlusion_only_zeroes_pixels_and_varies_between_images(clean_images: torch.Tensor) -> None:
+    images = clean_images[:10]
+
+    out = occlude(images, 0.3, gen())
+
+    changed = out != images
+    assert (out[changed] == 0).all()
+    masks = (out == 0) & (images != 0)
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_noise_adds_gaussian_noise_of_the_given_scale(clean_images: torch.Tensor) -> None:
+    out = corrupt(clean_images, "noise", 0.5, gen())
+
+    diff = out - clean_images
+    assert diff.mean().item() == pytest.approx(0.0, abs=0.01)
+    assert diff.std().item() == pytest.approx(0.5, rel=0.01)
+
+
+def test_corruption_is_seeded(clean_images: torch.Tensor) -> None:
+    for kind in KINDS:
+        assert torch.equal(
+            corrupt(clean_images, kind, 0.5, gen(3)), corrupt(clean_images, kind, 0.5, gen(3))
+        )
+        assert not torch.equal(
+            corrupt(clean_images, kind, 0.5, gen(3)), corrupt(clean_images, kind, 0.5, gen(4))
+        )
+
+
+def test_unknown_kind_is_rejected(clean_images: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="blur"):
+        corrupt(clean_images, "blur", 0.5, gen())
+
+
+def test_baseline_mse_is_zero_at_level_zero_and_grows_strictly_with_the_level(
+    clean_images: torch.Tensor,
+) -> None:
+    levels = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+    model = build_autoencoder(4, seed=0)
+
+    table = corruption_curves(model, clean_images, {k: levels for k in KINDS}, seed=0)
+
+    for kind in KINDS:
+        baseline = table.loc[table["kind"] == kind, "baseline_mse"].tolist()
+        assert baseline[0] == 0.0
+        assert all(a < b for a, b in zip(baseline, baseline[1:], strict=False)), (kind, baseline)
+    noise = table[table["kind"] == "noise"].set_index("level")["baseline_mse"]
+    assert noise[1.0] == pytest.approx(1.0, rel=0.02)  # E[(alpha * N(0,1))^2] = alpha^2
+    occl = table[table["kind"] == "occlusion"].set_index("level")["baseline_mse"]
+    assert occl[1.0] == pytest.approx(float((clean_images**2).mean()), rel=1e-6)
+
+
+def test_reconstruction_mse_does_not_fall_as_the_level_grows(
+    trained_model: Autoencoder, clean_images: torch.Tensor
+) -> None:
+    levels = (0.0, 0.5, 1.0)
+
+    table = corruption_curves(
+        trained_model, clean_images, {k: levels for k in KINDS}, seed=0, batch_size=128
+    )
+
+    for kind in KINDS:
+        mse = table.loc[table["kind"] == kind, "mse"].tolist()
+        assert all(a <= b for a, b in zip(mse, mse[1:], strict=False)), (kind, mse)
+    clean = table.loc[table["level"] == 0.0, "mse"]
+    assert clean.nunique() == 1  # level 0 is the same clean reconstruction for both kinds
+    assert clean.iloc[0] < 0.08  # it learned something: a constant output scores about 0.10
+
+
+def test_corruption_table_has_the_corruption_schema(
+    tmp_path: Path, trained_model: Autoencoder, clean_images: torch.Tensor
+) -> None:
+    levels = {"noise": (0.0, 0.5), "occlusion": (0.0, 0.3, 0.6)}
+
+    table = corruption_curves(trained_model, clean_images[:50], levels, seed=0)
+    ref = write_table(table, tmp_path / "corruption.parquet", "corruption")
+
+    back = read_table(ref.path, "corruption")
+    assert back.schema.remove_metadata().equals(SCHEMAS["corruption"])
+    assert back.num_rows == 5
+    assert back.column("kind").to_pylist() == ["noise"] * 2 + ["occlusion"] * 3
+    assert back.column("level").to_pylist() == [0.0, 0.5, 0.0, 0.3, 0.6]
+
+
+def test_corruption_examples_give_one_corrupted_and_restored_image_per_level(
+    trained_model: Autoencoder, clean_images: torch.Tensor
+) -> None:
+    corrupted, restored = corruption_examples(
+        trained_model, clean_images[0], "occlusion", (0.0, 0.5, 1.0), seed=0
+    )
+
+    assert corrupted.shape == (3, 28, 28) and restored.shape == (3, 28, 28)
+    assert (corrupted[0] == clean_images[0, 0].numpy()).all()
+    assert (corrupted[2] == 0).all()
+    assert restored.min() >= 0.0 and restored.max() <= 1.0

@@ -1,0 +1,326 @@
+"""End to end: the smoke study through the real CLI, Prefect (its temporary local server) and
+an embedded MLflow store, then everything read back through MLflow's client."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from aemnist.config import load_config
+from aemnist.layout import Layout
+from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
+
+REPO_ROOT = Path(__file__).parents[1]
+SMOKE = load_config("smoke")
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run_cli(
+    args: list[str], home: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> CliResult:
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AEMNIST_FAULT")
+    }
+    full_env.update({"PREFECT_HOME": str(home), **(env or {})})
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def nested_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        max_results=1000,
+    )
+    return {run.info.run_name: run for run in runs}
+
+
+def grid_names() -> set[str]:
+    return {
+        f"grid lr={lr:g} wd={wd:g} fold={fold}"
+        for lr in SMOKE.grid.learning_rates
+        for wd in SMOKE.grid.weight_decays
+        for fold in range(SMOKE.grid.folds)
+    }
+
+
+def expected_task_runs() -> set[str]:
+    return (
+        {"download", "folds", "grid summary", "sweep summary", "corruption", "embedding"}
+        | grid_names()
+        | {f"sweep size={s}" for s in SMOKE.sweep.sizes}
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path):  # noqa: ANN201
+    root = tmp_path_factory.mktemp("smoke")
+    workdir = root / "work"
+    result = run_cli(
+        [
+            "run",
+            "--profile",
+            "smoke",
+            "--workdir",
+            str(workdir),
+            "--mnist-mirror",
+            str(mnist_mirror),
+        ],
+        home=root / "prefect-home",
+    )
+    assert result.returncode == 0, (
+        f"smoke study failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
+    client = MlflowClient(embedded_tracking_uri(workdir))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.profile = 'smoke'", max_results=10
+    )
+    return workdir, result, client, parents
+
+
+def test_smoke_study_prints_the_report_path_and_how_to_open_the_ui(smoke_study) -> None:
+    workdir, result, _, _ = smoke_study
+    assert f"Report: {workdir / 'report.md'}" in result.stdout
+    assert f"aemnist ui --workdir {workdir}" in result.stdout
+    # Progress: each stage's fan-out reports as its tasks finish.
+    n_grid = len(grid_names())
+    assert f"[grid] {n_grid}/{n_grid} tasks finished" in result.stdout + result.stderr
+    assert "[sweep] 2/2 tasks finished" in result.stdout + result.stderr
+
+
+def test_parent_run_holds_the_resolved_config_and_links_to_prefect(smoke_study) -> None:
+    _, _, _, parents = smoke_study
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert set(SMOKE.flat()) <= set(parent.data.params)
+    assert parent.data.params["grid.learning_rates"] == "[0.01, 0.005]"
+    assert parent.data.tags["config_hash"] == SMOKE.config_hash()
+    assert re.fullmatch(r"[0-9a-f-]{36}", parent.data.tags["prefect.flow_run_id"])
+    assert 0 < parent.data.metrics["final_test_mse"] < 0.2
+
+
+def test_one_nested_run_per_task_each_finished(smoke_study) -> None:
+    _, _, client, parents = smoke_study
+    runs = nested_runs(client, parents[0].info.run_id)
+    final_names = [name for name in runs if name.startswith("final size=")]
+    assert len(final_names) == 1
+    assert set(runs) - set(final_names) == expected_task_runs()
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED", name
+        assert run.data.tags["prefect.flow_run_id"] == parents[0].data.tags["prefect.flow_run_id"]
+        assert "prefect.task_run_id" in run.data.tags, name
+
+
+def test_parallel_grid_runs_keep_their_own_params_and_per_epoch_metrics(smoke_study) -> None:
+    workdir, _, client, parents = smoke_study
+    runs = nested_runs(client, parents[0].info.run_id)
+    for name in grid_names():
+        run = runs[name]
+        lr, wd, fold = re.fullmatch(r"grid lr=(\S+) wd=(\S+) fold=(\d)", name).groups()
+        assert float(run.data.params["lr"]) == float(lr)
+        assert float(run.data.params["weight_decay"]) == float(wd)
+        assert run.data.params["fold"] == fold
+        for metric in ("train_loss", "val_loss"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert [m.step for m in history] == list(range(1, SMOKE.grid.epochs + 1))
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "tables")]
+        assert artifacts == [
+            f"tables/{Path(Layout(workdir).grid_history(float(lr), float(wd), int(fold))).name}"
+        ]
+    for size in SMOKE.sweep.sizes:
+        history = client.get_metric_history(runs[f"sweep size={size}"].info.run_id, "test_loss")
+        assert [m.step for m in history] == list(range(1, SMOKE.sweep.epochs + 1))
+
+
+def test_final_model_is_registered_and_loads(smoke_study) -> None:
+    _, _, client, parents = smoke_study
+    import mlflow.pytorch
+    import torch
+
+    runs = nested_runs(client, parents[0].info.run_id)
+    final = next(run for name, run in runs.items() if name.startswith("final size="))
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    assert [v.run_id for v in versions] == [final.info.run_id]
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        model = mlflow.pytorch.load_model(f"models:/{REGISTERED_MODEL}/{versions[0].version}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    with torch.inference_mode():
+        out = model(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 1, 28, 28)
+    history = client.get_metric_history(final.info.run_id, "test_loss")
+    assert [m.step for m in history] == list(range(1, SMOKE.final.epochs + 1))
+
+
+def test_report_and_its_figures_exist_and_are_logged(smoke_study) -> None:
+    workdir, _, client, parents = smoke_study
+    report = (workdir / "report.md").read_text()
+    for figure in (
+        "fig1a_size_sweep",
+        "fig1b_training_curves",
+        "fig2_noise",
+        "fig3_occlusion",
+        "fig4_tsne",
+    ):
+        path = workdir / "figures" / f"{figure}.png"
+        assert path.stat().st_size > 5000, figure
+        assert f"figures/{figure}.png" in report
+    logged = {a.path for a in client.list_artifacts(parents[0].info.run_id, "figures")}
+    assert len(logged) == 5
+    assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+
+
+def test_stage_tables_are_deterministic_for_the_same_seed(smoke_study) -> None:
+    """The stored summaries equal what the same config gives again (tables, not timings)."""
+    workdir, _, _, _ = smoke_study
+    from aemnist.schemas import read_frame
+    from aemnist.summaries import grid_summary
+
+    layout = Layout(workdir)
+    histories = [
+        read_frame(p, "grid_history") for p in sorted((workdir / "grid").glob("*.parquet"))
+    ]
+    import pandas as pd
+
+    again = grid_summary(pd.concat(histories, ignore_index=True))
+    stored = read_frame(layout.grid_summary, "grid_summary")
+    np.testing.assert_allclose(again["val_loss_mean"], stored["val_loss_mean"])
+
+
+def test_report_command_rebuilds_the_report_from_stored_tables(smoke_study, tmp_path: Path) -> None:
+    workdir, _, _, _ = smoke_study
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("mlartifacts", "mlflow.db"))
+    (copy / "report.md").unlink()
+    shutil.rmtree(copy / "figures")
+    result = run_cli(["report", "--workdir", str(copy)], home=tmp_path / "home")
+    assert result.returncode == 0, result.stderr
+    assert (copy / "report.md").read_text().split("\n", 8)[8] == (
+        workdir / "report.md"
+    ).read_text().split("\n", 8)[8]
+    assert len(list((copy / "figures").glob("*.png"))) == 5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ui_command_serves_the_study_runs(smoke_study, tmp_path: Path) -> None:
+    workdir, _, _, parents = smoke_study
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "ui", "--workdir", str(workdir), "--port", str(port)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        body = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                url = f"{base}/api/2.0/mlflow/runs/get?run_id={parents[0].info.run_id}"
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    body = response.read().decode()
+                break
+            except OSError:
+                time.sleep(1)
+        assert body is not None, "the MLflow UI did not come up within 90 s"
+        assert parents[0].info.run_id in body and "study-smoke" in body
+        with urllib.request.urlopen(base + "/", timeout=10) as response:
+            assert "<html" in response.read().decode().lower()
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_failing_grid_task_leaves_its_run_failed_and_the_others_finished(
+    tmp_path: Path, mnist_tables
+) -> None:
+    workdir = tmp_path / "work"
+    # Reuse verified MNIST tables: this run's download stage must then fetch nothing.
+    shutil.copytree(Path(mnist_tables["train"].path).parent, workdir / "data")
+    fault = "grid:lr=0.005,weight_decay=1e-05,fold=1"
+    result = run_cli(
+        ["run", "--profile", "smoke", "--workdir", str(workdir)],
+        home=tmp_path / "home",
+        env={"AEMNIST_FAULT": fault, "AEMNIST_MNIST_MIRROR": str(tmp_path / "no-such-mirror")},
+    )
+    assert result.returncode == 1
+    assert "grid: 1 of 6 tasks failed: grid lr=0.005 wd=1e-05 fold=1" in result.stderr
+    client = MlflowClient(embedded_tracking_uri(workdir))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parent = client.search_runs([experiment.experiment_id], "tags.profile = 'smoke'")[0]
+    assert parent.info.status == "FAILED"
+    runs = nested_runs(client, parent.info.run_id)
+    assert runs["download"].data.tags["fetched"] == "False"
+    failed = runs["grid lr=0.005 wd=1e-05 fold=1"]
+    assert failed.info.status == "FAILED"
+    assert "AEMNIST_FAULT" in failed.data.tags["error"]
+    for name in grid_names() - {"grid lr=0.005 wd=1e-05 fold=1"}:
+        assert runs[name].info.status == "FINISHED", name
+    assert "sweep summary" not in runs and not (workdir / "report.md").exists()
+
+
+def test_invalid_config_is_rejected_before_any_work(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[grid]\nlearning_rates = [-0.01]\n")
+    workdir = tmp_path / "work"
+    result = run_cli(
+        ["run", "--profile", "smoke", "--config", str(config), "--workdir", str(workdir)],
+        home=tmp_path / "home",
+    )
+    assert result.returncode == 2
+    assert "grid.learning_rates" in result.stderr and "positive" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not workdir.exists()
+
+
+def test_unwritable_workdir_gives_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli(
+        ["run", "--profile", "smoke", "--workdir", str(blocker / "work")], home=tmp_path / "home"
+    )
+    assert result.returncode == 2
+    assert f"work dir {blocker / 'work'} is not writable" in result.stderr
+    assert "--workdir" in result.stderr
