@@ -143,7 +143,9 @@ def read_toml(path: Path) -> dict[str, Any]:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist; check the path given to --config")
+        raise ConfigError(
+            f"config file {path} does not exist; check the path given to --config"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
@@ -204,7 +206,9 @@ def from_dict(raw: dict[str, Any]) -> StudyConfig:
         sections[name] = cls(**kwargs)
     profile = raw.get("profile", "quick")
     if profile not in PROFILES:
-        raise ConfigError(f"profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+        raise ConfigError(
+            f"profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}"
+        )
     seed = _coerce("seed", raw.get("seed", 0), 0)
     config = StudyConfig(profile=profile, seed=seed, **sections)
     validate(config)
@@ -312,5 +316,5 @@ def read_saved_config(path: Path) -> StudyConfig:
     except FileNotFoundError:
         raise ConfigError(
             f"{path} does not exist: no study has run in this work dir yet; run `aemnist run` first"
-        )
+        ) from None
     return from_dict(raw)

@@ -83,6 +83,10 @@ class DataError(RuntimeError):
     """A data file that is missing, damaged or not what it should be; says which and how to fix."""
 
 
+class MirrorUnreachable(DataError):
+    """A network error while fetching: worth retrying, unlike a wrong file."""
+
+
 def parse_idx(payload: bytes, name: str) -> np.ndarray:
     """Parse an IDX file of unsigned bytes (the only type MNIST uses) into an array."""
     if len(payload) < 4:
@@ -151,7 +155,7 @@ def _read_from_url(mirror: str, name: str, timeout: float = 60.0) -> tuple[bytes
             errors.append(f"{url}: {exc}")
             continue
         return (_decompress(raw, url) if packed else raw), url
-    raise DataError(
+    raise MirrorUnreachable(
         f"MNIST mirror {mirror} did not serve {name}: {'; '.join(errors)}; check the URL "
         f"given by {MIRROR_ENV} or --mnist-mirror"
     )
@@ -164,7 +168,7 @@ def _read_with_torchvision(cache: Path) -> dict[str, tuple[bytes, str]]:
         MNIST(root=str(cache), train=True, download=True)
         MNIST(root=str(cache), train=False, download=True)
     except Exception as exc:  # network errors come in many types
-        raise DataError(
+        raise MirrorUnreachable(
             f"could not download MNIST from torchvision's public mirrors ({exc}); without "
             f"internet, point {MIRROR_ENV} or --mnist-mirror at a folder holding the four "
             f"MNIST files (e.g. ../shared/data/mnist)"
@@ -245,10 +249,13 @@ def ensure_writable(folder: Path) -> None:
         ) from exc
 
 
-def download_mnist(data_dir: Path, mirror: str | Path | None) -> tuple[dict[str, TableRef], bool]:
+def download_mnist(
+    data_dir: Path, mirror: str | Path | None, force: bool = False
+) -> tuple[dict[str, TableRef], bool]:
     """Write ``mnist_train.parquet`` and ``mnist_test.parquet``; return them and whether
-    anything was fetched. With verified tables already present nothing is downloaded."""
-    existing = verified_tables(data_dir)
+    anything was fetched. With verified tables already present nothing is downloaded,
+    unless ``force``."""
+    existing = None if force else verified_tables(data_dir)
     if existing is not None:
         return existing, False
     ensure_writable(data_dir)

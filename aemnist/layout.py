@@ -83,3 +83,13 @@ class Layout:
     @property
     def report(self) -> Path:
         return self.root / "report.md"
+
+    @property
+    def cache_dir(self) -> Path:
+        """Prefect's persisted task results, keyed by aemnist.caching.stage_key."""
+        return self.root / "cache"
+
+    def checkpoint(self, label: str) -> Path:
+        """The per-epoch training state of one task (``label`` as in its task run name)."""
+        slug = "".join(c if c.isalnum() or c in ".=-" else "_" for c in label)
+        return self.root / "checkpoints" / f"{slug}.pt"

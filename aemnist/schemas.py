@@ -6,9 +6,13 @@ reader never sees a half-written table, and checked against its schema when read
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +112,16 @@ class TableRef:
     path: str
     sha256: str
     rows: int
+    # The MLflow run that wrote it: a later study that reuses the table links to that run.
+    run_id: str = ""
+
+    def with_run(self, run_id: str) -> TableRef:
+        return dataclasses.replace(self, run_id=run_id)
+
+    @classmethod
+    def of_file(cls, path: Path | str) -> TableRef:
+        """A reference to any written file (a checkpoint, say); rows unknown (-1)."""
+        return cls(str(path), file_sha256(path), -1)
 
 
 def file_sha256(path: Path | str) -> str:
@@ -118,18 +132,81 @@ def file_sha256(path: Path | str) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_bytes(path: Path, write) -> None:  # noqa: ANN001 - write(tmp_path) callable
-    """Call ``write(tmp)`` then rename tmp onto ``path``; on any error nothing is left behind."""
+# The cache key of the task writing outputs in this context (set by the orchestration layer):
+# recorded beside each output, so a file overwritten by another config is not taken for this
+# config's result.
+_PRODUCER: ContextVar[str | None] = ContextVar("aemnist_producer", default=None)
+
+
+@contextmanager
+def producing(key: str | None) -> Iterator[None]:
+    token = _PRODUCER.set(key)
+    try:
+        yield
+    finally:
+        _PRODUCER.reset(token)
+
+
+def hash_record(path: Path | str) -> Path:
+    """The sidecar that holds the SHA-256 of an output file (and its producer's key)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.sha256")
+
+
+def atomic_write_bytes(path: Path, write) -> str:  # noqa: ANN001 - write(tmp_path) callable
+    """Call ``write(tmp)`` then rename tmp onto ``path``; on any error nothing is left behind.
+
+    The file's SHA-256 (and the producing task's key) is recorded beside it
+    (``.NAME.sha256``) after the rename, so a file without a matching record is known to be
+    damaged or foreign. Returns the SHA-256."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        digest = file_sha256(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    record = hash_record(path)
+    tmp_record = record.with_name(f"{record.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp_record.write_text(f"{digest} {_PRODUCER.get() or '-'}\n")
+    os.replace(tmp_record, record)
+    return digest
+
+
+def _read_record(path: Path) -> tuple[str, str] | None:
+    try:
+        digest, _, key = hash_record(path).read_text().strip().partition(" ")
+    except OSError:
+        return None
+    return digest, key
+
+
+def output_state(path: Path | str, key: str | None = None) -> str:
+    """``intact`` (the file matches its recorded SHA-256 and, if ``key`` is given, was written
+    by that task), ``stale`` (intact but written by another task or config), ``missing`` or
+    ``damaged``."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    record = _read_record(path)
+    if record is None or file_sha256(path) != record[0]:
+        return "damaged"
+    if key is not None and record[1] != key:
+        return "stale"
+    return "intact"
+
+
+def recorded_ref(path: Path | str, key: str | None = None) -> TableRef | None:
+    """A TableRef for an intact output from its hash record (rows unknown: -1), else None."""
+    path = Path(path)
+    if output_state(path, key) != "intact":
+        return None
+    record = _read_record(path)
+    return TableRef(str(path), record[0], -1) if record else None
 
 
 def write_table(
@@ -153,8 +230,8 @@ def write_table(
     for key, value in (metadata or {}).items():
         meta[f"aemnist.{key}".encode()] = str(value).encode()
     table = table.replace_schema_metadata(meta)
-    atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-    return TableRef(path=str(path), sha256=file_sha256(path), rows=table.num_rows)
+    digest = atomic_write_bytes(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+    return TableRef(path=str(path), sha256=digest, rows=table.num_rows)
 
 
 def read_table(path: Path | str, schema_name: str) -> pa.Table:

@@ -8,6 +8,8 @@ in parallel threads or processes never log into each other's runs.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import time
 import traceback
 import urllib.error
@@ -92,6 +94,52 @@ def _stringify(value: Any) -> str:
     return str(value)
 
 
+def _process_tags() -> dict[str, str]:
+    """Which process owns a run: lets a later start tell a killed run from a live one."""
+    return {"aemnist.host": socket.gethostname(), "aemnist.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mark_abandoned_runs(tracking_uri: str, experiment_id: str) -> list[str]:
+    """Mark KILLED the runs left RUNNING by a process of this host that no longer exists
+    (a kill -9, a crash); runs of live processes and of other hosts are left alone."""
+    client = MlflowClient(tracking_uri)
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`aemnist.host` = '{host}'",
+        max_results=5000,
+    )
+    killed = []
+    for run in runs:
+        pid = run.data.tags.get("aemnist.pid", "")
+        if pid.isdigit() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            killed.append(run.info.run_name or run.info.run_id)
+    return killed
+
+
+def _tag_key(label: str) -> str:
+    return re.sub(r"[^\w.\- /]", "_", label)
+
+
+def link_reused_runs(ctx: TrackingContext, links: Mapping[str, str]) -> None:
+    """Tag the parent run with the runs that produced the results this study reused."""
+    if links:
+        TaskRun(ctx, ctx.parent_run_id).set_tags(
+            {f"reused.{_tag_key(label)}": run_id for label, run_id in links.items()}
+        )
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -123,7 +171,7 @@ def start_study(
             f"cannot open the MLflow store {tracking_uri} ({exc}); check {TRACKING_ENV} "
             f"or that the work dir {workdir} is writable"
         ) from exc
-    run = client.create_run(experiment_id, tags=dict(tags), run_name=run_name)
+    run = client.create_run(experiment_id, tags={**tags, **_process_tags()}, run_name=run_name)
     _log_params(client, run.info.run_id, params)
     return TrackingContext(tracking_uri, experiment_id, run.info.run_id)
 
@@ -210,7 +258,7 @@ def task_run(
 ) -> Iterator[TaskRun]:
     """A nested run that ends FINISHED, or FAILED (with the error as a tag) if the body raises."""
     client = MlflowClient(ctx.tracking_uri)
-    all_tags = {"mlflow.parentRunId": ctx.parent_run_id, **(tags or {})}
+    all_tags = {"mlflow.parentRunId": ctx.parent_run_id, **_process_tags(), **(tags or {})}
     run = client.create_run(ctx.experiment_id, tags=all_tags, run_name=name)
     tracked = TaskRun(ctx, run.info.run_id)
     try:
@@ -242,3 +290,17 @@ def log_to_parent(
         parent.log_metrics(metrics)
     for path, artifact_path in artifacts or []:
         parent.log_artifact(path, artifact_path)
+
+
+def failed_task_keys(tracking_uri: str) -> set[str]:
+    """The cache keys of tasks whose runs FAILED (for ``aemnist status``)."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return set()
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.status = 'FAILED'", max_results=5000
+    )
+    return {
+        run.data.tags["aemnist.task_key"] for run in runs if "aemnist.task_key" in run.data.tags
+    }

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,6 +20,7 @@ from torch import nn
 
 from aemnist.data import ImageSet
 from aemnist.model import Autoencoder, build_autoencoder
+from aemnist.schemas import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class EpochResult:
     train_loss: float
     eval_loss: float
     lr: float
+    resumed: bool = False  # restored from a checkpoint rather than trained in this call
 
 
 EpochCallback = Callable[[EpochResult], None]
@@ -48,6 +52,18 @@ def evaluate(model: nn.Module, images: torch.Tensor, batch_size: int = 2048) -> 
     return float(total) / images.numel()
 
 
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write_bytes(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: Path) -> dict[str, Any] | None:
+    """A checkpoint written by ``fit``, or None if it is unreadable (then training restarts)."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:  # a torn or foreign file: start over rather than fail
+        return None
+
+
 def fit(
     model: Autoencoder,
     train_images: torch.Tensor,
@@ -61,11 +77,18 @@ def fit(
     plateau_patience: int | None = None,
     eval_batch_size: int = 2048,
     on_epoch: EpochCallback | None = None,
+    checkpoint: Path | None = None,
+    resume_key: str | None = None,
 ) -> list[EpochResult]:
     """Train ``model`` in place; evaluate on ``eval_images`` after each epoch.
 
     With ``plateau_patience`` the learning rate is reduced when the evaluation loss has not
     improved for that many epochs (ReduceLROnPlateau, as in the seed's size sweep).
+
+    With ``checkpoint`` the whole training state (model, optimiser, scheduler, shuffling RNG,
+    history) is saved after every epoch; a later call with the same ``resume_key`` continues
+    from the last finished epoch and ends with the same numbers as an uninterrupted run.
+    Restored epochs are passed to ``on_epoch`` too, marked ``resumed``.
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = (
@@ -74,9 +97,21 @@ def fit(
         else None
     )
     generator = torch.Generator().manual_seed(seed)
+    history: list[EpochResult] = []
+    state = load_training_state(checkpoint) if checkpoint and checkpoint.exists() else None
+    if state is not None and state.get("key") == resume_key and resume_key is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        for epoch, train_loss, eval_loss, epoch_lr in state["history"]:
+            result = EpochResult(int(epoch), train_loss, eval_loss, epoch_lr, resumed=True)
+            history.append(result)
+            if on_epoch is not None:
+                on_epoch(result)
     n = train_images.shape[0]
-    history = []
-    for epoch in range(1, epochs + 1):
+    for epoch in range(len(history) + 1, epochs + 1):
         model.train()
         current_lr = optimizer.param_groups[0]["lr"]
         order = torch.randperm(n, generator=generator)
@@ -95,6 +130,18 @@ def fit(
             scheduler.step(eval_loss)
         result = EpochResult(epoch, train_loss, eval_loss, current_lr)
         history.append(result)
+        if checkpoint is not None and resume_key is not None:
+            save_training_state(
+                checkpoint,
+                {
+                    "key": resume_key,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "generator": generator.get_state(),
+                    "history": [[h.epoch, h.train_loss, h.eval_loss, h.lr] for h in history],
+                },
+            )
         if on_epoch is not None:
             on_epoch(result)
     return history
@@ -113,6 +160,8 @@ def train_fold(
     seed: int,
     eval_batch_size: int = 2048,
     on_epoch: EpochCallback | None = None,
+    checkpoint: Path | None = None,
+    resume_key: str | None = None,
 ) -> pd.DataFrame:
     """One cell of the grid search: train on every fold but ``fold``, validate on ``fold``.
 
@@ -134,6 +183,8 @@ def train_fold(
         seed=key,
         eval_batch_size=eval_batch_size,
         on_epoch=on_epoch,
+        checkpoint=checkpoint,
+        resume_key=resume_key,
     )
     return pd.DataFrame(
         {
@@ -161,6 +212,8 @@ def train_size(
     stage: str = "sweep",
     eval_batch_size: int = 2048,
     on_epoch: EpochCallback | None = None,
+    checkpoint: Path | None = None,
+    resume_key: str | None = None,
 ) -> tuple[Autoencoder, pd.DataFrame]:
     """Train at encoding ``size`` on the whole training set, scoring the test set each epoch.
 
@@ -179,6 +232,8 @@ def train_size(
         plateau_patience=plateau_patience,
         eval_batch_size=eval_batch_size,
         on_epoch=on_epoch,
+        checkpoint=checkpoint,
+        resume_key=resume_key,
     )
     model.eval()
     frame = pd.DataFrame(

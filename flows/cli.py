@@ -12,12 +12,14 @@ from pathlib import Path
 from aemnist.config import PROFILES, ConfigError, load_config, read_saved_config
 from aemnist.data import MIRROR_ENV, DataError, ensure_writable
 from aemnist.layout import Layout
+from aemnist.plan import STAGES
 from aemnist.schemas import TableError
 from aemnist.tracking import (
     TRACKING_ENV,
     TrackingError,
     check_reachable,
     embedded_tracking_uri,
+    failed_task_keys,
     resolve_tracking_uri,
 )
 
@@ -75,6 +77,32 @@ def _parser() -> argparse.ArgumentParser:
         f"${MIRROR_ENV}, else torchvision's public mirrors",
     )
     run.add_argument("--seed", type=int, help="the study's seed (default: the profile's, 0)")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute every stage, reusing no earlier result or checkpoint",
+    )
+    run.add_argument(
+        "--refresh",
+        action="append",
+        choices=list(STAGES),
+        metavar="STAGE",
+        help=f"recompute STAGE and every stage that follows from it (repeatable); stages: "
+        f"{', '.join(STAGES)}",
+    )
+
+    status = commands.add_parser(
+        "status",
+        help="what a re-run would do: every stage and task as cached, partial, failed or pending",
+        description="List every stage and task of the current config with its state: cached "
+        "(its result is stored and a re-run reuses it), partial (interrupted; a re-run resumes "
+        "from its checkpoint), failed (its last attempt failed; a re-run retries it) or pending "
+        "(a re-run computes it).",
+    )
+    status.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
+    status.add_argument("--profile", choices=PROFILES, help="the profile (as for run)")
+    status.add_argument("--config", type=Path, metavar="FILE.toml", help="as for run")
+    status.add_argument("--seed", type=int, help="as for run")
 
     ui = commands.add_parser(
         "ui",
@@ -116,6 +144,8 @@ def _run(args: argparse.Namespace) -> int:
         config_file=str(args.config.resolve()) if args.config else None,
         mnist_mirror=args.mnist_mirror,
         seed=args.seed,
+        fresh=args.fresh,
+        refresh=args.refresh,
     )
     tracking = os.environ.get(TRACKING_ENV)
     print(f"\nStudy ({config.profile}) finished in {time.monotonic() - started:.0f} s.")
@@ -152,6 +182,19 @@ def _ui(args: argparse.Namespace) -> int:
     return subprocess.call(command)
 
 
+def _status(args: argparse.Namespace) -> int:
+    from aemnist.status import format_status, study_status
+
+    overrides = {"seed": args.seed} if args.seed is not None else None
+    config = load_config(args.profile, args.config, overrides)
+    layout = Layout(args.workdir.resolve())
+    uri = resolve_tracking_uri(layout.root)
+    store_exists = uri != embedded_tracking_uri(layout.root) or (layout.root / "mlflow.db").exists()
+    failed = failed_task_keys(uri) if store_exists else set()
+    print(format_status(study_status(config, layout, failed), config, layout))
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from aemnist.report import build_report
 
@@ -165,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "ui": _ui, "report": _report}[args.command]
+    handler = {"run": _run, "ui": _ui, "report": _report, "status": _status}[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:

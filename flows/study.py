@@ -1,4 +1,8 @@
-"""The ``study`` flow: every stage of the seed's study, chained through parquet tables."""
+"""The ``study`` flow: every stage of the seed's study, chained through parquet tables.
+
+Each task is keyed by content (tasks.caching): a re-run reuses every result whose inputs,
+config fields and code are unchanged and whose files are intact, and recomputes the rest.
+"""
 
 from __future__ import annotations
 
@@ -11,39 +15,58 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from aemnist import plan
 from aemnist.config import load_config
 from aemnist.data import MIRROR_ENV
 from aemnist.layout import Layout
 from aemnist.runtime import cpu_count, parallel_workers, threads_per_task
 from tasks.aggregate import summarise_grid, summarise_sweep
+from tasks.caching import result_storage, submit_stage
 from tasks.data import assign_folds, download
-from tasks.evaluation import corruption, embedding
-from tasks.study import close_study, open_study, write_report
+from tasks.evaluation import evaluate_corruption, map_embedding
+from tasks.study import close_study, link_reused, open_study, publish_results, write_report
 from tasks.training import final_model, grid_fold, sweep_size
 
 DEFAULT_WORKDIR = "aemnist-runs"
 
 
 class StageFailed(RuntimeError):
-    """Some tasks of a fan-out stage failed; names them."""
+    """Some tasks of a stage failed; names them."""
 
 
-def collect(futures: dict[str, PrefectFuture], stage: str) -> list[Any]:
+def _producer(result: Any) -> str:
+    """The MLflow run that produced a task's result (a TableRef, or a tuple led by one)."""
+    ref = result[0] if isinstance(result, tuple) else result
+    return getattr(ref, "run_id", "")
+
+
+def collect(ctx: Any, futures: dict[str, PrefectFuture], stage: str) -> list[Any]:
     """Wait for every task of a stage (a failure does not cancel the others), report
-    progress as they finish, then return their results or name the ones that failed."""
+    progress as they finish, link reused results to the parent run, then return the
+    results or name the tasks that failed."""
     logger = get_run_logger()
     total = len(futures)
     progress = create_progress_artifact(0.0, description=f"{stage}: tasks finished (%)")
-    for done, _ in enumerate(as_completed(list(futures.values())), start=1):
+    for done, future in enumerate(as_completed(list(futures.values())), start=1):
+        future.wait()  # as_completed can yield before the future's final state is readable
         logger.info("[%s] %d/%d tasks finished", stage, done, total)
         update_progress_artifact(progress, 100.0 * done / total)
     failed = [label for label, future in futures.items() if not future.state.is_completed()]
     if failed:
         raise StageFailed(
             f"{stage}: {len(failed)} of {total} tasks failed: {', '.join(failed)}; the others "
-            f"completed; fix the cause and run the study again"
+            f"completed and are kept: fix the cause and run the study again to re-run only these"
         )
-    return [future.result() for future in futures.values()]
+    results = {label: future.result() for label, future in futures.items()}
+    reused = {
+        label: _producer(results[label])
+        for label, future in futures.items()
+        if future.state.name == "Cached"
+    }
+    if reused:
+        logger.info("[%s] %d/%d results reused from earlier runs", stage, len(reused), total)
+        link_reused(ctx, reused)
+    return list(results.values())
 
 
 @flow(name="study", task_runner=ThreadPoolTaskRunner(max_workers=cpu_count()))
@@ -53,48 +76,105 @@ def study(
     config_file: str | None = None,
     mnist_mirror: str | None = None,
     seed: int | None = None,
+    fresh: bool = False,
+    refresh: list[str] | None = None,
 ) -> str:
-    """Run the whole study; returns the path of the report."""
+    """Run the whole study; returns the path of the report.
+
+    ``fresh`` recomputes every stage; ``refresh`` names stages to recompute with every stage
+    that follows from them."""
     overrides = {"seed": seed} if seed is not None else None
     config = load_config(profile, Path(config_file) if config_file else None, overrides)
     layout = Layout(Path(workdir).resolve())
     mirror = mnist_mirror or os.environ.get(MIRROR_ENV) or None
-    workers = parallel_workers(config.runtime.workers)
-    threads = threads_per_task(workers)
+    redo = plan.refreshed_stages(fresh, refresh)
+    threads = threads_per_task(parallel_workers(config.runtime.workers))
+
+    def submit(
+        task: Any, stage: str, inputs: dict[str, Any], label: str | None = None, **runtime: Any
+    ) -> PrefectFuture:
+        checkpoint = layout.checkpoint(label) if label else None
+        return submit_stage(
+            task, stage, inputs, storage, stage in redo, checkpoint, ctx=ctx, **runtime
+        )
+
+    def run_one(task: Any, stage: str, inputs: dict[str, Any], label: str, **runtime: Any) -> Any:
+        return collect(ctx, {label: submit(task, stage, inputs, label, **runtime)}, stage)[0]
 
     ctx = open_study(config, layout)
+    storage = result_storage(layout)
     try:
-        tables = download(ctx, layout, mirror)
+        tables = download(ctx, layout, mirror, force="download" in redo)
         train, test = tables["train"], tables["test"]
-        folds = assign_folds(ctx, config, layout, train)
+        folds = run_one(assign_folds, "folds", plan.folds_inputs(config, layout, train), "folds")
 
         grid = {
-            f"grid lr={lr:g} wd={wd:g} fold={fold}": grid_fold.submit(
-                ctx, config, layout, train, folds, lr, wd, fold, threads
+            label: submit(
+                grid_fold,
+                "grid",
+                plan.grid_inputs(config, layout, train, folds, lr, wd, fold),
+                label,
+                threads=threads,
             )
-            for lr in config.grid.learning_rates
-            for wd in config.grid.weight_decays
-            for fold in range(config.grid.folds)
+            for label, lr, wd, fold in plan.grid_labels(config)
         }
-        _, lr, wd = summarise_grid(ctx, layout, collect(grid, "grid"))
+        histories = collect(ctx, grid, "grid")
+        grid_table, lr, wd = run_one(
+            summarise_grid,
+            "grid-summary",
+            plan.grid_summary_inputs(layout, histories),
+            "grid summary",
+        )
 
         sweep = {
-            f"sweep size={size}": sweep_size.submit(
-                ctx, config, layout, train, test, size, lr, wd, threads
+            label: submit(
+                sweep_size,
+                "sweep",
+                plan.sweep_inputs(config, layout, train, test, size, lr, wd),
+                label,
+                threads=threads,
             )
-            for size in config.sweep.sizes
+            for label, size in plan.sweep_labels(config)
         }
-        _, size = summarise_sweep(ctx, config, layout, collect(sweep, "sweep"))
+        histories = collect(ctx, sweep, "sweep")
+        sweep_table, size = run_one(
+            summarise_sweep,
+            "sweep-summary",
+            plan.sweep_summary_inputs(config, layout, histories),
+            "sweep summary",
+        )
 
-        model = final_model(ctx, config, layout, train, test, size, lr, wd, cpu_count())
-        evaluations = {
-            "corruption": corruption.submit(ctx, config, layout, test, model, threads),
-            "embedding": embedding.submit(ctx, config, layout, test, model, threads),
-        }
-        collect(evaluations, "evaluation")
-        report = write_report(ctx, config, layout)
+        final_inputs = plan.final_inputs(config, layout, train, test, size, lr, wd)
+        model = run_one(
+            final_model, "final", final_inputs, plan.final_label(size), threads=cpu_count()
+        )
+
+        evaluations = collect(
+            ctx,
+            {
+                "corruption": submit(
+                    evaluate_corruption,
+                    "corruption",
+                    plan.corruption_inputs(config, layout, test, model),
+                    threads=threads,
+                ),
+                "embedding": submit(
+                    map_embedding,
+                    "embedding",
+                    plan.embedding_inputs(config, layout, test, model),
+                    threads=threads,
+                ),
+            },
+            "evaluation",
+        )
+
+        tables = [grid_table, sweep_table, model, *evaluations]
+        report = run_one(
+            write_report, "report", plan.report_inputs(config, layout, tables), "report"
+        )
+        publish_results(ctx, layout)
     except BaseException:
         close_study(ctx, "FAILED")
         raise
     close_study(ctx, "FINISHED")
-    return str(report)
+    return report.path

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import pandas as pd
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from aemnist.config import StudyConfig
 from aemnist.layout import Layout
 from aemnist.schemas import TableRef, read_frame, write_table
 from aemnist.summaries import grid_summary, sweep_summary
-from aemnist.tracking import TrackingContext, task_run
-from tasks.common import prefect_tags
+from aemnist.tracking import TrackingContext
+from tasks.caching import StageCache
+from tasks.common import tracked_run
 
 
-@task(name="grid-summary", cache_policy=NO_CACHE)
+@task(name="grid-summary", cache_policy=StageCache(stage="grid-summary"), persist_result=True)
 def summarise_grid(
     ctx: TrackingContext, layout: Layout, histories: list[TableRef]
 ) -> tuple[TableRef, float, float]:
     """Table 1 and the best (learning rate, weight decay) by mean validation loss."""
-    with task_run(ctx, "grid summary", {"tasks": len(histories)}, prefect_tags()) as run:
+    with tracked_run(ctx, "grid summary", {"tasks": len(histories)}, "grid-summary") as run:
         frames = [read_frame(ref.path, "grid_history") for ref in histories]
         table = grid_summary(pd.concat(frames, ignore_index=True))
         ref = write_table(table, layout.grid_summary, "grid_summary")
@@ -35,17 +34,17 @@ def summarise_grid(
         best.weight_decay,
         best.val_loss_mean,
     )
-    return ref, float(best.lr), float(best.weight_decay)
+    return ref.with_run(run.run_id), float(best.lr), float(best.weight_decay)
 
 
-@task(name="sweep-summary", cache_policy=NO_CACHE)
+@task(name="sweep-summary", cache_policy=StageCache(stage="sweep-summary"), persist_result=True)
 def summarise_sweep(
-    ctx: TrackingContext, config: StudyConfig, layout: Layout, histories: list[TableRef]
+    ctx: TrackingContext, layout: Layout, histories: list[TableRef], score_last: int
 ) -> tuple[TableRef, int]:
     """Table 2 and the best encoding size by the mean test loss of the last epochs."""
-    with task_run(ctx, "sweep summary", {"tasks": len(histories)}, prefect_tags()) as run:
+    with tracked_run(ctx, "sweep summary", {"tasks": len(histories)}, "sweep-summary") as run:
         frames = [read_frame(ref.path, "sweep_history") for ref in histories]
-        table = sweep_summary(pd.concat(frames, ignore_index=True), config.sweep.score_last)
+        table = sweep_summary(pd.concat(frames, ignore_index=True), score_last)
         ref = write_table(table, layout.sweep_summary, "sweep_summary")
         for row in table.itertuples():
             run.log_metrics({"test_loss": row.test_loss}, step=int(row.size))
@@ -53,4 +52,4 @@ def summarise_sweep(
         run.set_tags({"best_size": str(int(best["size"]))})
         run.log_artifact(ref.path, "tables")
     get_run_logger().info("Table 2: best size %d, test loss %.6f", best["size"], best.test_loss)
-    return ref, int(best["size"])
+    return ref.with_run(run.run_id), int(best["size"])

@@ -2,23 +2,48 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from typing import Any
 
-from aemnist.config import StudyConfig
-from aemnist.data import download_mnist, load_images, make_folds
+from prefect import Task, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from aemnist.data import MirrorUnreachable, download_mnist, load_images, make_folds
 from aemnist.layout import Layout
 from aemnist.schemas import TableRef, write_table
-from aemnist.tracking import TrackingContext, task_run
-from tasks.common import prefect_tags
+from aemnist.tracking import TrackingContext
+from tasks.caching import StageCache
+from tasks.common import tracked_run
 
 
-@task(name="download", cache_policy=NO_CACHE)
-def download(ctx: TrackingContext, layout: Layout, mirror: str | None) -> dict[str, TableRef]:
+def _network_error(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry a download only on network errors: a wrong file stays wrong."""
+    try:
+        state.result()
+    except MirrorUnreachable:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# Not cached by Prefect: the download checks its own tables (their pinned hashes) and
+# fetches nothing when they are verified.
+@task(
+    name="download",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=[2, 10, 30],
+    retry_condition_fn=_network_error,
+)
+def download(
+    ctx: TrackingContext, layout: Layout, mirror: str | None, force: bool = False
+) -> dict[str, TableRef]:
     """MNIST into ``data/mnist_{train,test}.parquet``; nothing is fetched if they are verified."""
     logger = get_run_logger()
-    with task_run(ctx, "download", {"mirror": mirror or "torchvision"}, prefect_tags()) as run:
-        refs, fetched = download_mnist(layout.data_dir, mirror)
+    with tracked_run(ctx, "download", {"mirror": mirror or "torchvision"}, "download") as run:
+        refs, fetched = download_mnist(layout.data_dir, mirror, force=force)
         run.log_metrics({f"{split}_rows": ref.rows for split, ref in refs.items()})
         run.set_tags({"fetched": str(fetched)})
     logger.info(
@@ -26,19 +51,17 @@ def download(ctx: TrackingContext, layout: Layout, mirror: str | None) -> dict[s
         "downloaded and verified" if fetched else "already verified, nothing fetched",
         ", ".join(f"{s} {r.rows} rows" for s, r in refs.items()),
     )
-    return refs
+    return {split: ref.with_run(run.run_id) for split, ref in refs.items()}
 
 
-@task(name="folds", cache_policy=NO_CACHE)
+@task(name="folds", cache_policy=StageCache(stage="folds"), persist_result=True)
 def assign_folds(
-    ctx: TrackingContext, config: StudyConfig, layout: Layout, train: TableRef
+    ctx: TrackingContext, layout: Layout, train: TableRef, train_limit: int, k: int, seed: int
 ) -> TableRef:
-    with task_run(
-        ctx, "folds", {"folds": config.grid.folds, "seed": config.seed}, prefect_tags()
-    ) as run:
-        images = load_images(train.path, config.data.train_limit)
-        table = make_folds(images.idx, images.labels, config.grid.folds, config.seed)
-        ref = write_table(table, layout.folds, "folds")
+    """A seeded, stratified k-fold assignment of the training images."""
+    with tracked_run(ctx, "folds", {"folds": k, "seed": seed}, "folds") as run:
+        images = load_images(train.path, train_limit)
+        ref = write_table(make_folds(images.idx, images.labels, k, seed), layout.folds, "folds")
         run.log_metrics({"rows": ref.rows})
         run.log_artifact(ref.path, "tables")
-    return ref
+    return ref.with_run(run.run_id)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from aemnist.config import StudyConfig
+from aemnist.config import CorruptionConfig, EmbeddingConfig, TrainingConfig
 from aemnist.corruption import corruption_curves, corruption_examples
 from aemnist.data import load_images
 from aemnist.embedding import embed
@@ -14,39 +13,37 @@ from aemnist.layout import Layout
 from aemnist.model import load_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, write_table
-from aemnist.tracking import TrackingContext, task_run
-from tasks.common import prefect_tags
+from aemnist.tracking import TrackingContext
+from tasks.caching import StageCache
+from tasks.common import tracked_run
 
 
-@task(name="corruption", cache_policy=NO_CACHE)
-def corruption(
+@task(name="corruption", cache_policy=StageCache(stage="corruption"), persist_result=True)
+def evaluate_corruption(
     ctx: TrackingContext,
-    config: StudyConfig,
     layout: Layout,
     test: TableRef,
+    test_limit: int,
     model: TableRef,
+    corruption: CorruptionConfig,
+    training: TrainingConfig,
+    seed: int,
     threads: int,
 ) -> TableRef:
     """Reconstruction MSE under Gaussian noise and occlusion, with the input's own MSE."""
-    levels = {
-        "noise": config.corruption.noise_levels,
-        "occlusion": config.corruption.occlusion_levels,
-    }
-    with task_run(
-        ctx, "corruption", {"n_images": config.corruption.n_images, **levels}, prefect_tags()
-    ) as run:
+    levels = {"noise": corruption.noise_levels, "occlusion": corruption.occlusion_levels}
+    params = {"n_images": corruption.n_images, **levels}
+    with tracked_run(ctx, "corruption", params, "corruption") as run:
         set_torch_threads(threads)
-        images = load_images(test.path, config.data.test_limit).images
-        if config.corruption.n_images:
-            images = images[: config.corruption.n_images]
-        net = load_checkpoint(layout.final_model)
-        table = corruption_curves(net, images, levels, config.seed)
+        images = load_images(test.path, test_limit).images
+        if corruption.n_images:
+            images = images[: corruption.n_images]
+        net = load_checkpoint(model.path)
+        table = corruption_curves(net, images, levels, seed, training.eval_batch_size)
         ref = write_table(table, layout.corruption, "corruption")
         examples = []
         for kind, kind_levels in levels.items():
-            corrupted, restored = corruption_examples(
-                net, images[0], kind, kind_levels, config.seed
-            )
+            corrupted, restored = corruption_examples(net, images[0], kind, kind_levels, seed)
             for level, c, r in zip(kind_levels, corrupted, restored, strict=True):
                 examples.append(
                     {
@@ -65,33 +62,35 @@ def corruption(
         run.log_artifact(ref.path, "tables")
         run.log_artifact(layout.corruption_examples, "tables")
     get_run_logger().info("corruption: %d levels measured on %d images", len(table), len(images))
-    return ref
+    return ref.with_run(run.run_id)
 
 
-@task(name="embedding", cache_policy=NO_CACHE)
-def embedding(
+@task(name="embedding", cache_policy=StageCache(stage="embedding"), persist_result=True)
+def map_embedding(
     ctx: TrackingContext,
-    config: StudyConfig,
     layout: Layout,
     test: TableRef,
+    test_limit: int,
     model: TableRef,
+    embedding: EmbeddingConfig,
+    seed: int,
     threads: int,
 ) -> TableRef:
     """Encode test images, map them to 2-D with t-SNE, measure how well the digits separate."""
     params = {
-        "n_images": config.embedding.n_images,
-        "perplexity": config.embedding.perplexity,
-        "knn": config.embedding.knn,
+        "n_images": embedding.n_images,
+        "perplexity": embedding.perplexity,
+        "knn": embedding.knn,
     }
-    with task_run(ctx, "embedding", params, prefect_tags()) as run:
+    with tracked_run(ctx, "embedding", params, "embedding") as run:
         set_torch_threads(threads)
         table, metrics = embed(
-            load_checkpoint(layout.final_model),
-            load_images(test.path, config.data.test_limit),
-            config.embedding.n_images,
-            config.embedding.perplexity,
-            config.embedding.knn,
-            config.seed,
+            load_checkpoint(model.path),
+            load_images(test.path, test_limit),
+            embedding.n_images,
+            embedding.perplexity,
+            embedding.knn,
+            seed,
         )
         ref = write_table(table, layout.embedding, "embedding")
         write_table(metrics_frame(metrics), layout.embedding_metrics, "metrics")
@@ -103,4 +102,4 @@ def embedding(
         metrics["knn_accuracy_tsne"],
         metrics["knn_accuracy_latent"],
     )
-    return ref
+    return ref.with_run(run.run_id)

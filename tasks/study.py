@@ -1,8 +1,6 @@
-"""Opening and closing the study's parent MLflow run, and the report."""
+"""The study's own tasks: its parent MLflow run, the report, links to reused results."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -12,20 +10,24 @@ from aemnist.config import StudyConfig, save_config
 from aemnist.data import ensure_writable
 from aemnist.layout import Layout
 from aemnist.report import build_report, report_figures
-from aemnist.schemas import read_frame
+from aemnist.schemas import TableRef, producing, read_frame
 from aemnist.tracking import (
     TrackingContext,
     finish_study,
+    link_reused_runs,
     log_to_parent,
+    mark_abandoned_runs,
     resolve_tracking_uri,
     start_study,
 )
+from tasks.caching import StageCache, current_key
 from tasks.common import prefect_tags
 
 
 @task(name="open-study", cache_policy=NO_CACHE)
 def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
-    """Check the work dir and the tracking store, save the resolved config, open the parent run."""
+    """Check the work dir and the tracking store, save the resolved config, open the parent
+    run, and mark KILLED the runs a killed earlier process left RUNNING."""
     ensure_writable(layout.root)
     save_config(config, layout.config)
     uri = resolve_tracking_uri(layout.root)
@@ -33,11 +35,19 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
         "profile": config.profile,
         "config_hash": config.config_hash(),
         "seed": str(config.seed),
-        "workdir": str(layout.root.resolve()),
+        "workdir": str(layout.root),
         **prefect_tags(),
     }
     ctx = start_study(uri, layout.root, f"study-{config.profile}", config.flat(), tags)
-    get_run_logger().info("MLflow parent run %s in %s", ctx.parent_run_id, uri)
+    logger = get_run_logger()
+    killed = mark_abandoned_runs(uri, ctx.experiment_id)
+    if killed:
+        logger.warning(
+            "marked KILLED %d runs left RUNNING by a killed process: %s",
+            len(killed),
+            ", ".join(killed),
+        )
+    logger.info("MLflow parent run %s in %s", ctx.parent_run_id, uri)
     return ctx
 
 
@@ -46,22 +56,38 @@ def close_study(ctx: TrackingContext, status: str) -> None:
     finish_study(ctx, status)
 
 
-@task(name="report", cache_policy=NO_CACHE)
-def write_report(ctx: TrackingContext, config: StudyConfig, layout: Layout) -> Path:
-    """Build report.md and its figures; log them to the parent run and as Prefect artifacts."""
-    path = build_report(layout, config)
-    artifacts = [(path, None)] + [(fig, "figures") for fig in report_figures(layout)]
+@task(name="link-reused", cache_policy=NO_CACHE)
+def link_reused(ctx: TrackingContext, links: dict[str, str]) -> None:
+    """Tag the parent run with the earlier runs whose results this study reused."""
+    link_reused_runs(ctx, links)
+
+
+@task(name="report", cache_policy=StageCache(stage="report"), persist_result=True)
+def write_report(
+    ctx: TrackingContext, config: StudyConfig, layout: Layout, tables: list[TableRef]
+) -> TableRef:
+    """report.md and its figures, from the stored tables."""
+    with producing(current_key()):
+        path = build_report(layout, config)
+    get_run_logger().info("report written to %s", path)
+    return TableRef.of_file(path)
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish_results(ctx: TrackingContext, layout: Layout) -> None:
+    """The study's results on its parent run (headline metrics, report, figures, Tables 1
+    and 2) and beside its Prefect flow run (artifacts)."""
+    artifacts = [(layout.report, None)] + [(fig, "figures") for fig in report_figures(layout)]
     artifacts += [(layout.grid_summary, "tables"), (layout.sweep_summary, "tables")]
     final = read_frame(layout.final_metrics, "metrics").set_index("metric")["value"]
     log_to_parent(
         ctx, metrics={f"final_{k}": float(v) for k, v in final.items()}, artifacts=artifacts
     )
-    create_markdown_artifact(path.read_text(), key="aemnist-report", description="Study report")
-    for key, table in (
-        ("aemnist-table-1", layout.grid_summary),
-        ("aemnist-table-2", layout.sweep_summary),
+    create_markdown_artifact(
+        layout.report.read_text(), key="aemnist-report", description="Study report"
+    )
+    for key, path, schema in (
+        ("aemnist-table-1", layout.grid_summary, "grid_summary"),
+        ("aemnist-table-2", layout.sweep_summary, "sweep_summary"),
     ):
-        schema = "grid_summary" if table == layout.grid_summary else "sweep_summary"
-        create_table_artifact(read_frame(table, schema).to_dict(orient="records"), key=key)
-    get_run_logger().info("report written to %s", path)
-    return path
+        create_table_artifact(read_frame(path, schema).to_dict(orient="records"), key=key)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
-from aemnist.config import StudyConfig
+from aemnist.config import TrainingConfig
 from aemnist.data import load_images
 from aemnist.faults import maybe_fail
 from aemnist.layout import Layout
 from aemnist.model import save_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, read_frame, write_table
-from aemnist.tracking import TaskRun, TrackingContext, task_run
+from aemnist.tracking import TaskRun, TrackingContext
 from aemnist.training import EpochResult, evaluate, train_fold, train_size
-from tasks.common import prefect_tags
+from tasks.caching import StageCache, current_key
+from tasks.common import tracked_run
 
 
-def _epoch_logger(run: TaskRun, label: str, eval_name: str, epochs: int):  # noqa: ANN202
+def _epoch_logger(
+    run: TaskRun, label: str, eval_name: str, epochs: int
+) -> Callable[[EpochResult], None]:
     logger = get_run_logger()
 
     def on_epoch(result: EpochResult) -> None:
@@ -26,11 +30,13 @@ def _epoch_logger(run: TaskRun, label: str, eval_name: str, epochs: int):  # noq
             {"train_loss": result.train_loss, eval_name: result.eval_loss, "lr": result.lr},
             step=result.epoch,
         )
+        how = "restored from checkpoint" if result.resumed else "trained"
         logger.info(
-            "%s epoch %d/%d: train %.5f, %s %.5f",
+            "%s epoch %d/%d %s: train %.5f, %s %.5f",
             label,
             result.epoch,
             epochs,
+            how,
             result.train_loss,
             eval_name,
             result.eval_loss,
@@ -42,17 +48,22 @@ def _epoch_logger(run: TaskRun, label: str, eval_name: str, epochs: int):  # noq
 @task(
     name="grid-fold",
     task_run_name="grid lr={lr:g} wd={weight_decay:g} fold={fold}",
-    cache_policy=NO_CACHE,
+    cache_policy=StageCache(stage="grid"),
+    persist_result=True,
 )
 def grid_fold(
     ctx: TrackingContext,
-    config: StudyConfig,
     layout: Layout,
     train: TableRef,
     folds: TableRef,
+    train_limit: int,
     lr: float,
     weight_decay: float,
     fold: int,
+    size: int,
+    epochs: int,
+    training: TrainingConfig,
+    seed: int,
     threads: int,
 ) -> TableRef:
     """Train on every fold but ``fold`` and record the per-epoch validation loss."""
@@ -62,41 +73,56 @@ def grid_fold(
         "lr": lr,
         "weight_decay": weight_decay,
         "fold": fold,
-        "size": config.grid.size,
-        "epochs": config.grid.epochs,
-        "batch_size": config.training.batch_size,
+        "size": size,
+        "epochs": epochs,
+        "batch_size": training.batch_size,
+        "seed": seed,
     }
-    with task_run(ctx, label, params, {"stage": "grid", **prefect_tags()}) as run:
+    with tracked_run(ctx, label, params, "grid") as run:
         maybe_fail("grid", lr=lr, weight_decay=weight_decay, fold=fold)
         set_torch_threads(threads)
+        checkpoint = layout.checkpoint(label)
         history = train_fold(
-            load_images(train.path, config.data.train_limit),
+            load_images(train.path, train_limit),
             read_frame(folds.path, "folds"),
             fold,
             lr=lr,
             weight_decay=weight_decay,
-            size=config.grid.size,
-            epochs=config.grid.epochs,
-            batch_size=config.training.batch_size,
-            seed=config.seed,
-            eval_batch_size=config.training.eval_batch_size,
-            on_epoch=_epoch_logger(run, label, "val_loss", config.grid.epochs),
+            size=size,
+            epochs=epochs,
+            batch_size=training.batch_size,
+            seed=seed,
+            eval_batch_size=training.eval_batch_size,
+            on_epoch=_epoch_logger(run, label, "val_loss", epochs),
+            checkpoint=checkpoint,
+            resume_key=current_key(),
         )
         ref = write_table(history, layout.grid_history(lr, weight_decay, fold), "grid_history")
         run.log_artifact(ref.path, "tables")
-    return ref
+        checkpoint.unlink(missing_ok=True)
+    return ref.with_run(run.run_id)
 
 
-@task(name="sweep-size", task_run_name="sweep size={size}", cache_policy=NO_CACHE)
+@task(
+    name="sweep-size",
+    task_run_name="sweep size={size}",
+    cache_policy=StageCache(stage="sweep"),
+    persist_result=True,
+)
 def sweep_size(
     ctx: TrackingContext,
-    config: StudyConfig,
     layout: Layout,
     train: TableRef,
     test: TableRef,
+    train_limit: int,
+    test_limit: int,
     size: int,
     lr: float,
     weight_decay: float,
+    epochs: int,
+    plateau_patience: int,
+    training: TrainingConfig,
+    seed: int,
     threads: int,
 ) -> TableRef:
     """Train at one encoding size on the whole training set, test loss each epoch."""
@@ -106,87 +132,105 @@ def sweep_size(
         "size": size,
         "lr": lr,
         "weight_decay": weight_decay,
-        "epochs": config.sweep.epochs,
-        "plateau_patience": config.sweep.plateau_patience,
-        "batch_size": config.training.batch_size,
+        "epochs": epochs,
+        "plateau_patience": plateau_patience,
+        "batch_size": training.batch_size,
+        "seed": seed,
     }
-    with task_run(ctx, label, params, {"stage": "sweep", **prefect_tags()}) as run:
+    with tracked_run(ctx, label, params, "sweep") as run:
         maybe_fail("sweep", size=size)
         set_torch_threads(threads)
+        checkpoint = layout.checkpoint(label)
         _, history = train_size(
-            load_images(train.path, config.data.train_limit),
-            load_images(test.path, config.data.test_limit),
+            load_images(train.path, train_limit),
+            load_images(test.path, test_limit),
             size=size,
             lr=lr,
             weight_decay=weight_decay,
-            epochs=config.sweep.epochs,
-            plateau_patience=config.sweep.plateau_patience,
-            batch_size=config.training.batch_size,
-            seed=config.seed,
-            eval_batch_size=config.training.eval_batch_size,
-            on_epoch=_epoch_logger(run, label, "test_loss", config.sweep.epochs),
+            epochs=epochs,
+            plateau_patience=plateau_patience,
+            batch_size=training.batch_size,
+            seed=seed,
+            eval_batch_size=training.eval_batch_size,
+            on_epoch=_epoch_logger(run, label, "test_loss", epochs),
+            checkpoint=checkpoint,
+            resume_key=current_key(),
         )
         ref = write_table(history, layout.sweep_history(size), "sweep_history")
         run.log_artifact(ref.path, "tables")
-    return ref
+        checkpoint.unlink(missing_ok=True)
+    return ref.with_run(run.run_id)
 
 
-@task(name="final", task_run_name="final size={size}", cache_policy=NO_CACHE)
+@task(
+    name="final",
+    task_run_name="final size={size}",
+    cache_policy=StageCache(stage="final"),
+    persist_result=True,
+)
 def final_model(
     ctx: TrackingContext,
-    config: StudyConfig,
     layout: Layout,
     train: TableRef,
     test: TableRef,
+    train_limit: int,
+    test_limit: int,
     size: int,
     lr: float,
     weight_decay: float,
+    epochs: int,
+    plateau_patience: int,
+    training: TrainingConfig,
+    seed: int,
     threads: int,
 ) -> TableRef:
-    """Train the final model; save its checkpoint; log and register it in MLflow."""
+    """Train the final model; save its checkpoint; log and register it in MLflow.
+
+    Returns the model file's reference: what the evaluation stages depend on."""
     label = f"final size={size}"
     params = {
         "stage": "final",
         "size": size,
         "lr": lr,
         "weight_decay": weight_decay,
-        "epochs": config.final.epochs,
-        "plateau_patience": config.sweep.plateau_patience,
-        "batch_size": config.training.batch_size,
+        "epochs": epochs,
+        "plateau_patience": plateau_patience,
+        "batch_size": training.batch_size,
+        "seed": seed,
     }
-    with task_run(ctx, label, params, {"stage": "final", **prefect_tags()}) as run:
+    with tracked_run(ctx, label, params, "final") as run:
         maybe_fail("final", size=size)
         set_torch_threads(threads)
-        test_set = load_images(test.path, config.data.test_limit)
+        test_set = load_images(test.path, test_limit)
+        checkpoint = layout.checkpoint(label)
         model, history = train_size(
-            load_images(train.path, config.data.train_limit),
+            load_images(train.path, train_limit),
             test_set,
             size=size,
             lr=lr,
             weight_decay=weight_decay,
-            epochs=config.final.epochs,
-            plateau_patience=config.sweep.plateau_patience,
-            batch_size=config.training.batch_size,
-            seed=config.seed,
+            epochs=epochs,
+            plateau_patience=plateau_patience,
+            batch_size=training.batch_size,
+            seed=seed,
             stage="final",
-            eval_batch_size=config.training.eval_batch_size,
-            on_epoch=_epoch_logger(run, label, "test_loss", config.final.epochs),
+            eval_batch_size=training.eval_batch_size,
+            on_epoch=_epoch_logger(run, label, "test_loss", epochs),
+            checkpoint=checkpoint,
+            resume_key=current_key(),
         )
-        save_checkpoint(model, layout.final_model)
+        test_mse = evaluate(model, test_set.images, training.eval_batch_size)
         write_table(history, layout.final_history, "sweep_history")
-        test_mse = evaluate(model, test_set.images, config.training.eval_batch_size)
-        ref = write_table(
-            metrics_frame(
-                {"test_mse": test_mse, "size": size, "lr": lr, "weight_decay": weight_decay}
-            ),
-            layout.final_metrics,
-            "metrics",
-        )
+        metrics = {"test_mse": test_mse, "size": size, "lr": lr, "weight_decay": weight_decay}
+        write_table(metrics_frame(metrics), layout.final_metrics, "metrics")
+        save_checkpoint(model, layout.final_model)
         run.log_metrics({"test_mse": test_mse})
         for path in (layout.final_history, layout.final_metrics, layout.final_model):
             run.log_artifact(path, "final")
-        version = run.log_pytorch_model(model, test_set.images[:4].numpy().astype(np.float32))
+        example = test_set.images[:4].numpy().astype(np.float32)
+        version = run.log_pytorch_model(model, example)
         get_run_logger().info(
             "final model: test MSE %.6f, registered version %s", test_mse, version
         )
-    return ref
+        checkpoint.unlink(missing_ok=True)
+    return TableRef.of_file(layout.final_model).with_run(run.run_id)

@@ -1,0 +1,87 @@
+"""Prefect caching keyed by content: a task's result is reused exactly when its key
+(aemnist.caching.stage_key) is unchanged and the files it wrote are intact."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import Task, get_run_logger
+from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
+from prefect.filesystems import LocalFileSystem
+from prefect.futures import PrefectFuture
+from prefect.transactions import get_transaction
+
+from aemnist.caching import stage_key
+from aemnist.layout import Layout
+from aemnist.plan import outputs
+from aemnist.schemas import output_state
+
+# Inputs that say where or how fast a task runs, not what it computes.
+RUNTIME_INPUTS = frozenset({"ctx", "threads"})
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """The cache key of a stage's task: its stage, its inputs (less the runtime ones) with
+    tables by content, and its library code."""
+
+    stage: str = ""
+
+    def compute_key(
+        self,
+        task_ctx: TaskRunContext,
+        inputs: dict[str, Any],
+        flow_parameters: dict[str, Any],
+        **kwargs: Any,
+    ) -> str | None:
+        return stage_key(self.stage, {k: v for k, v in inputs.items() if k not in RUNTIME_INPUTS})
+
+
+def current_key() -> str | None:
+    """The cache key of the running task (its transaction's key): checkpoints are only
+    resumed, and outputs only trusted, under the same key."""
+    transaction = get_transaction()
+    return transaction.key if transaction is not None else None
+
+
+def submit_stage(
+    task: Task,
+    stage: str,
+    inputs: dict[str, Any],
+    storage: LocalFileSystem,
+    refresh: bool = False,
+    checkpoint: Path | None = None,
+    **runtime: Any,
+) -> PrefectFuture:
+    """Submit ``task`` bound to the work dir's result store, keyed on ``inputs``.
+
+    It is recomputed rather than reused when asked (``refresh``: its checkpoint goes too) or
+    when one of its outputs (aemnist.plan.outputs) is missing, damaged (it does not match its
+    recorded SHA-256) or was since overwritten by a task of another config."""
+    key = stage_key(stage, inputs)
+    states = {path: output_state(path, key) for path in outputs(stage, inputs)}
+    damaged = [str(path) for path, state in states.items() if state == "damaged"]
+    if damaged:
+        get_run_logger().warning(
+            "%s: damaged (content does not match its recorded SHA-256); recomputing",
+            ", ".join(damaged),
+        )
+    if refresh and checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
+    recompute = refresh or any(state != "intact" for state in states.values())
+    configured = task.with_options(result_storage=storage, refresh_cache=recompute)
+    return configured.submit(**inputs, **runtime)
+
+
+def result_storage(layout: Layout) -> LocalFileSystem:
+    """The work dir's result store (the cache), beside the tables it describes: moving or
+    deleting a work dir moves or deletes its cache with it. Saved as a block, so that every
+    process of a run (a worker, a Dask worker) finds it."""
+    storage = LocalFileSystem(basepath=str(layout.cache_dir))
+    digest = hashlib.sha256(str(layout.root).encode()).hexdigest()[:16]
+    storage.save(f"aemnist-cache-{digest}", overwrite=True)
+    return storage
