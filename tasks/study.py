@@ -10,7 +10,7 @@ from aemnist.config import StudyConfig, save_config
 from aemnist.data import ensure_writable
 from aemnist.layout import Layout
 from aemnist.report import build_report, report_figures
-from aemnist.schemas import TableRef, producing, read_frame
+from aemnist.schemas import TableRef, read_frame
 from aemnist.tracking import (
     TrackingContext,
     finish_study,
@@ -20,8 +20,8 @@ from aemnist.tracking import (
     resolve_tracking_uri,
     start_study,
 )
-from tasks.caching import StageCache, current_key
-from tasks.common import prefect_tags
+from tasks.caching import StageCache
+from tasks.common import prefect_tags, tracked_run
 
 
 @task(name="open-study", cache_policy=NO_CACHE)
@@ -67,10 +67,13 @@ def write_report(
     ctx: TrackingContext, config: StudyConfig, layout: Layout, tables: list[TableRef]
 ) -> TableRef:
     """report.md and its figures, from the stored tables."""
-    with producing(current_key()):
+    with tracked_run(ctx, "report", {"tables": len(tables)}, "report") as run:
         path = build_report(layout, config)
+        run.log_artifact(path)
+        for figure in report_figures(layout):
+            run.log_artifact(figure, "figures")
     get_run_logger().info("report written to %s", path)
-    return TableRef.of_file(path)
+    return TableRef.of_file(path).with_run(run.run_id)
 
 
 @task(name="publish", cache_policy=NO_CACHE)

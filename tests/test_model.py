@@ -107,7 +107,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(
     x = train_images.images[:100]
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
-    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".model.pt.sha256", "model.pt"]
 
 
 # --- training -----------------------------------------------------------------------------

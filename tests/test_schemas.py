@@ -129,7 +129,10 @@ def test_write_that_fails_half_way_leaves_the_earlier_table_and_no_temp_file(
     with pytest.raises(OSError, match="disk full"):
         atomic_write_bytes(path, write_half_then_fail)
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".history.parquet.sha256",
+        "history.parquet",
+    ]
     assert path.read_bytes() == before
 
 
@@ -142,4 +145,7 @@ def test_overwriting_a_table_replaces_it_whole(tmp_path: Path) -> None:
 
     assert ref.rows == 6
     assert read_table(path, "grid_history").num_rows == 6
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".history.parquet.sha256",
+        "history.parquet",
+    ]

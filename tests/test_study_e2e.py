@@ -6,63 +6,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import REPO_ROOT, free_port, nested_runs, run_cli
 from mlflow import MlflowClient
 
 from aemnist.config import load_config
 from aemnist.layout import Layout
 from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
 
-REPO_ROOT = Path(__file__).parents[1]
 SMOKE = load_config("smoke")
-
-
-@dataclass
-class CliResult:
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-def run_cli(
-    args: list[str], home: Path, env: dict[str, str] | None = None, timeout: float = 600
-) -> CliResult:
-    full_env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AEMNIST_FAULT")
-    }
-    full_env.update({"PREFECT_HOME": str(home), **(env or {})})
-    started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows.cli", *args],
-        cwd=REPO_ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
-
-
-def nested_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
-        max_results=1000,
-    )
-    return {run.info.run_name: run for run in runs}
 
 
 def grid_names() -> set[str]:
@@ -76,7 +35,7 @@ def grid_names() -> set[str]:
 
 def expected_task_runs() -> set[str]:
     return (
-        {"download", "folds", "grid summary", "sweep summary", "corruption", "embedding"}
+        {"download", "folds", "grid summary", "sweep summary", "corruption", "embedding", "report"}
         | grid_names()
         | {f"sweep size={s}" for s in SMOKE.sweep.sizes}
     )
@@ -234,12 +193,6 @@ def test_report_command_rebuilds_the_report_from_stored_tables(smoke_study, tmp_
     assert len(list((copy / "figures").glob("*.png"))) == 5
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_ui_command_serves_the_study_runs(smoke_study, tmp_path: Path) -> None:
     workdir, _, _, parents = smoke_study
     port = free_port()
@@ -271,34 +224,6 @@ def test_ui_command_serves_the_study_runs(smoke_study, tmp_path: Path) -> None:
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
-
-
-def test_failing_grid_task_leaves_its_run_failed_and_the_others_finished(
-    tmp_path: Path, mnist_tables
-) -> None:
-    workdir = tmp_path / "work"
-    # Reuse verified MNIST tables: this run's download stage must then fetch nothing.
-    shutil.copytree(Path(mnist_tables["train"].path).parent, workdir / "data")
-    fault = "grid:lr=0.005,weight_decay=1e-05,fold=1"
-    result = run_cli(
-        ["run", "--profile", "smoke", "--workdir", str(workdir)],
-        home=tmp_path / "home",
-        env={"AEMNIST_FAULT": fault, "AEMNIST_MNIST_MIRROR": str(tmp_path / "no-such-mirror")},
-    )
-    assert result.returncode == 1
-    assert "grid: 1 of 6 tasks failed: grid lr=0.005 wd=1e-05 fold=1" in result.stderr
-    client = MlflowClient(embedded_tracking_uri(workdir))
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    parent = client.search_runs([experiment.experiment_id], "tags.profile = 'smoke'")[0]
-    assert parent.info.status == "FAILED"
-    runs = nested_runs(client, parent.info.run_id)
-    assert runs["download"].data.tags["fetched"] == "False"
-    failed = runs["grid lr=0.005 wd=1e-05 fold=1"]
-    assert failed.info.status == "FAILED"
-    assert "AEMNIST_FAULT" in failed.data.tags["error"]
-    for name in grid_names() - {"grid lr=0.005 wd=1e-05 fold=1"}:
-        assert runs[name].info.status == "FINISHED", name
-    assert "sweep summary" not in runs and not (workdir / "report.md").exists()
 
 
 def test_invalid_config_is_rejected_before_any_work(tmp_path: Path) -> None:

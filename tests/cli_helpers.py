@@ -1,0 +1,62 @@
+"""Running the ``aemnist`` command line as a user would, and reading what it tracked."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+
+from aemnist.tracking import EXPERIMENT
+
+REPO_ROOT = Path(__file__).parents[1]
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run_cli(
+    args: list[str], home: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> CliResult:
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AEMNIST_FAULT")
+    }
+    full_env.update({"PREFECT_HOME": str(home), **(env or {})})
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
+
+
+def nested_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+        max_results=1000,
+    )
+    return {run.info.run_name: run for run in runs}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
