@@ -226,16 +226,26 @@ def test_ui_command_serves_the_study_runs(smoke_study, tmp_path: Path) -> None:
         proc.wait(timeout=30)
 
 
-def test_invalid_config_is_rejected_before_any_work(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("text", "field", "says"),
+    [
+        ("[grid]\nlearning_rates = [-0.01]\n", "grid.learning_rates", "positive"),
+        ("[sweep]\nsizes = [4, 0]\n", "sweep.sizes", "positive"),
+        ("[grid]\nlearning_rate = [0.01]\n", "grid.learning_rate", "unknown config field"),
+    ],
+)
+def test_invalid_config_is_rejected_before_any_work(
+    tmp_path: Path, text: str, field: str, says: str
+) -> None:
     config = tmp_path / "bad.toml"
-    config.write_text("[grid]\nlearning_rates = [-0.01]\n")
+    config.write_text(text)
     workdir = tmp_path / "work"
     result = run_cli(
         ["run", "--profile", "smoke", "--config", str(config), "--workdir", str(workdir)],
         home=tmp_path / "home",
     )
     assert result.returncode == 2
-    assert "grid.learning_rates" in result.stderr and "positive" in result.stderr
+    assert result.stderr.startswith(f"aemnist: error: {field}: ") and says in result.stderr
     assert "Traceback" not in result.stderr
     assert not workdir.exists()
 
