@@ -48,6 +48,7 @@ def run_cli(
 
 def nested_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
     experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None, f"no {EXPERIMENT!r} experiment in {client.tracking_uri}"
     runs = client.search_runs(
         [experiment.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",

@@ -321,3 +321,16 @@ def test_read_only_workdir_gives_one_clear_error_and_keeps_its_files(
     assert result.returncode == 2
     assert f"work dir {readonly} is not writable (Read-only file system)" in result.stderr
     assert {p: p.read_bytes() for p in readonly.rglob("*") if p.is_file()} == before
+
+
+def test_fresh_recomputes_every_task_to_the_same_tables(study: Study) -> None:
+    study.restore()
+    tables = stage_tables(study.workdir)
+    result = study.run("--fresh")
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = study.ran(study.parents()[-1])
+    assert len(runs) == 16 and trained(runs) == sorted(
+        GRID + ["sweep size=4", "sweep size=8", "final size=8"]
+    )
+    assert runs["download"].data.tags["fetched"] == "True"
+    assert stage_tables(study.workdir) == tables
