@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 from prefect import get_run_logger, task
 
 from aemnist.config import TrainingConfig
-from aemnist.data import load_images
+from aemnist.data import ImageSet, load_images
 from aemnist.faults import maybe_fail
 from aemnist.layout import Layout
-from aemnist.model import save_checkpoint
+from aemnist.model import Autoencoder, save_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, read_frame, write_table
 from aemnist.tracking import TaskRun, TrackingContext
@@ -103,6 +105,63 @@ def grid_fold(
     return ref.with_run(run.run_id)
 
 
+@contextmanager
+def _trained_at_size(
+    stage: str,
+    ctx: TrackingContext,
+    layout: Layout,
+    train: TableRef,
+    test: TableRef,
+    train_limit: int,
+    test_limit: int,
+    size: int,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    plateau_patience: int,
+    training: TrainingConfig,
+    seed: int,
+    threads: int,
+) -> Iterator[tuple[TaskRun, Autoencoder, pd.DataFrame, ImageSet]]:
+    """What the sweep and final stages share: a nested run, training at one size on the whole
+    training set with the test loss each epoch, resumable from the task's checkpoint (removed
+    once the body has stored its results). Yields the run, model, history and test images."""
+    label = f"{stage} size={size}"
+    params = {
+        "stage": stage,
+        "size": size,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "epochs": epochs,
+        "plateau_patience": plateau_patience,
+        "batch_size": training.batch_size,
+        "seed": seed,
+    }
+    with tracked_run(ctx, label, params, stage) as run:
+        maybe_fail(stage, size=size)
+        set_torch_threads(threads)
+        test_set = load_images(test.path, test_limit)
+        checkpoint = layout.checkpoint(label)
+        model, history = train_size(
+            load_images(train.path, train_limit),
+            test_set,
+            size=size,
+            lr=lr,
+            weight_decay=weight_decay,
+            epochs=epochs,
+            plateau_patience=plateau_patience,
+            batch_size=training.batch_size,
+            seed=seed,
+            stage=stage,
+            eval_batch_size=training.eval_batch_size,
+            on_epoch=_epoch_logger(run, label, "test_loss", epochs),
+            checkpoint=checkpoint,
+            resume_key=current_key(),
+        )
+        yield run, model, history, test_set
+        checkpoint.unlink(missing_ok=True)
+
+
 @task(
     name="sweep-size",
     task_run_name="sweep size={size}",
@@ -126,39 +185,25 @@ def sweep_size(
     threads: int,
 ) -> TableRef:
     """Train at one encoding size on the whole training set, test loss each epoch."""
-    label = f"sweep size={size}"
-    params = {
-        "stage": "sweep",
-        "size": size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "epochs": epochs,
-        "plateau_patience": plateau_patience,
-        "batch_size": training.batch_size,
-        "seed": seed,
-    }
-    with tracked_run(ctx, label, params, "sweep") as run:
-        maybe_fail("sweep", size=size)
-        set_torch_threads(threads)
-        checkpoint = layout.checkpoint(label)
-        _, history = train_size(
-            load_images(train.path, train_limit),
-            load_images(test.path, test_limit),
-            size=size,
-            lr=lr,
-            weight_decay=weight_decay,
-            epochs=epochs,
-            plateau_patience=plateau_patience,
-            batch_size=training.batch_size,
-            seed=seed,
-            eval_batch_size=training.eval_batch_size,
-            on_epoch=_epoch_logger(run, label, "test_loss", epochs),
-            checkpoint=checkpoint,
-            resume_key=current_key(),
-        )
+    with _trained_at_size(
+        "sweep",
+        ctx,
+        layout,
+        train,
+        test,
+        train_limit,
+        test_limit,
+        size,
+        lr,
+        weight_decay,
+        epochs,
+        plateau_patience,
+        training,
+        seed,
+        threads,
+    ) as (run, _, history, _):
         ref = write_table(history, layout.sweep_history(size), "sweep_history")
         run.log_artifact(ref.path, "tables")
-        checkpoint.unlink(missing_ok=True)
     return ref.with_run(run.run_id)
 
 
@@ -187,38 +232,23 @@ def final_model(
     """Train the final model; save its checkpoint; log and register it in MLflow.
 
     Returns the model file's reference: what the evaluation stages depend on."""
-    label = f"final size={size}"
-    params = {
-        "stage": "final",
-        "size": size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "epochs": epochs,
-        "plateau_patience": plateau_patience,
-        "batch_size": training.batch_size,
-        "seed": seed,
-    }
-    with tracked_run(ctx, label, params, "final") as run:
-        maybe_fail("final", size=size)
-        set_torch_threads(threads)
-        test_set = load_images(test.path, test_limit)
-        checkpoint = layout.checkpoint(label)
-        model, history = train_size(
-            load_images(train.path, train_limit),
-            test_set,
-            size=size,
-            lr=lr,
-            weight_decay=weight_decay,
-            epochs=epochs,
-            plateau_patience=plateau_patience,
-            batch_size=training.batch_size,
-            seed=seed,
-            stage="final",
-            eval_batch_size=training.eval_batch_size,
-            on_epoch=_epoch_logger(run, label, "test_loss", epochs),
-            checkpoint=checkpoint,
-            resume_key=current_key(),
-        )
+    with _trained_at_size(
+        "final",
+        ctx,
+        layout,
+        train,
+        test,
+        train_limit,
+        test_limit,
+        size,
+        lr,
+        weight_decay,
+        epochs,
+        plateau_patience,
+        training,
+        seed,
+        threads,
+    ) as (run, model, history, test_set):
         test_mse = evaluate(model, test_set.images, training.eval_batch_size)
         write_table(history, layout.final_history, "sweep_history")
         metrics = {"test_mse": test_mse, "size": size, "lr": lr, "weight_decay": weight_decay}
@@ -232,5 +262,4 @@ def final_model(
         get_run_logger().info(
             "final model: test MSE %.6f, registered version %s", test_mse, version
         )
-        checkpoint.unlink(missing_ok=True)
     return TableRef.of_file(layout.final_model).with_run(run.run_id)
