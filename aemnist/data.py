@@ -18,12 +18,11 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
-from sklearn.model_selection import StratifiedKFold
 
 from aemnist.schemas import (
     N_PIXELS,
@@ -34,6 +33,9 @@ from aemnist.schemas import (
     table_metadata,
     write_table,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 MIRROR_ENV = "AEMNIST_MNIST_MIRROR"
 
@@ -297,6 +299,10 @@ def load_images(path: Path | str, limit: int = 0) -> ImageSet:
     table = read_table(path, "mnist")
     if limit:
         table = table.slice(0, limit)
+    # torch and sklearn are imported where used: the command line imports this module and
+    # should answer (an error, --help) in a second, not after loading both.
+    import torch
+
     pixels = table.column("pixels").combine_chunks().values.to_numpy(zero_copy_only=False)
     images = torch.from_numpy(pixels.reshape(-1, 1, 28, 28).astype(np.float32) / 255.0)
     return ImageSet(
@@ -308,6 +314,8 @@ def load_images(path: Path | str, limit: int = 0) -> ImageSet:
 
 def make_folds(idx: np.ndarray, labels: np.ndarray, k: int, seed: int) -> pd.DataFrame:
     """A seeded, stratified k-fold assignment: each image's validation fold."""
+    from sklearn.model_selection import StratifiedKFold
+
     fold = np.empty(len(idx), dtype=np.int32)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (_, val) in enumerate(splitter.split(np.zeros(len(idx)), labels)):

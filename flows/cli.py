@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 from aemnist.config import PROFILES, ConfigError, load_config, read_saved_config
 from aemnist.data import MIRROR_ENV, DataError, ensure_writable
@@ -22,10 +26,11 @@ from aemnist.tracking import (
     failed_task_keys,
     resolve_tracking_uri,
 )
+from deployments.stack import LOOPBACK, PREFECT_API_ENV, WORK_POOL, StackError
 
 DEFAULT_WORKDIR = "aemnist-runs"
 # Errors that are the user's to fix: one line, no traceback.
-USER_ERRORS = (ConfigError, DataError, TableError, TrackingError)
+USER_ERRORS = (ConfigError, DataError, TableError, TrackingError, StackError)
 
 # Offline machines: no analytics or telemetry calls, and room for a slow first start of the
 # temporary Prefect server on two busy cores.
@@ -90,6 +95,19 @@ def _parser() -> argparse.ArgumentParser:
         help=f"recompute STAGE and every stage that follows from it (repeatable); stages: "
         f"{', '.join(STAGES)}",
     )
+    run.add_argument(
+        "--task-runner",
+        choices=("threads", "dask"),
+        default="threads",
+        help="threads (the default: tasks side by side in this process) or dask (the grid, "
+        "sweep and other tasks on a Dask cluster through prefect-dask)",
+    )
+    run.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
+        help="the scheduler of an existing Dask cluster (with --task-runner dask); without "
+        "it a local cluster of one 1-thread worker process per task slot is started",
+    )
 
     status = commands.add_parser(
         "status",
@@ -114,6 +132,49 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
 
+    server = commands.add_parser(
+        "server",
+        help="start a Prefect server and an MLflow tracking server; print their URLs",
+        description="Start a Prefect server (API and UI; its database in WORKDIR/server) and "
+        "an MLflow tracking server on the work dir's store (WORKDIR/mlflow.db and "
+        "WORKDIR/mlartifacts), wait until both answer, print their URLs and the variables "
+        "that point the other commands at them, and serve until Ctrl-C.",
+    )
+    server.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
+    server.add_argument(
+        "--host",
+        default=LOOPBACK,
+        help=f"address both servers bind (default: {LOOPBACK}; 0.0.0.0 for workers on other "
+        f"machines)",
+    )
+    server.add_argument("--prefect-port", type=int, default=4200, help="(default: 4200)")
+    server.add_argument("--mlflow-port", type=int, default=5000, help="(default: 5000)")
+    server.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for both servers to answer (default: 180)",
+    )
+
+    commands.add_parser(
+        "deploy",
+        help=f"create the {WORK_POOL!r} process work pool and the study's deployments",
+        description=f"Create the process work pool {WORK_POOL!r} (unless it exists) and apply "
+        f"deployments/prefect.yaml: the study flow as study/smoke, study/quick and "
+        f"study/paper. Needs PREFECT_API_URL.",
+    )
+
+    worker = commands.add_parser(
+        "worker",
+        help=f"start a process worker on the {WORK_POOL!r} pool",
+        description="Start a Prefect process worker that runs the study's deployments. Its "
+        "environment (MLFLOW_TRACKING_URI, AEMNIST_MNIST_MIRROR) passes to every run it "
+        "starts. Needs PREFECT_API_URL and the pool (`aemnist deploy`).",
+    )
+    worker.add_argument("--pool", default=WORK_POOL, help=f"(default: {WORK_POOL})")
+    worker.add_argument("--limit", type=int, help="at most this many flow runs at once")
+    worker.add_argument("--name", help="the worker's name (default: Prefect's)")
+
     report = commands.add_parser(
         "report",
         help="rebuild report.md from the stored tables",
@@ -131,13 +192,19 @@ def _run(args: argparse.Namespace) -> int:
     ensure_writable(workdir)
     check_reachable(resolve_tracking_uri(workdir))
 
-    from prefect.task_runners import ThreadPoolTaskRunner
+    if args.dask_address and args.task_runner != "dask":
+        raise StackError("--dask-address needs --task-runner dask")
+    if args.task_runner == "dask" and args.dask_address:
+        _check_dask_scheduler(args.dask_address)
 
     from aemnist.runtime import parallel_workers
     from flows.study import study
 
     started = time.monotonic()
-    runner = ThreadPoolTaskRunner(max_workers=parallel_workers(config.runtime.workers))
+    workers = parallel_workers(config.runtime.workers)
+    runner = _task_runner(args.task_runner, args.dask_address, workers)
+    if args.task_runner == "dask":
+        _share_prefect_api()
     report = study.with_options(task_runner=runner)(
         profile=config.profile,
         workdir=str(workdir),
@@ -155,6 +222,148 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open http://127.0.0.1:5000")
     return 0
+
+
+def _check_dask_scheduler(address: str) -> None:
+    """A scheduler that does not answer is named before any work starts; so is a remote
+    cluster whose workers could not reach this machine's temporary Prefect server."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise StackError(f"--dask-address {address!r} is not of the form tcp://HOST:PORT")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=5).close()
+    except OSError as exc:
+        raise StackError(
+            f"no Dask scheduler answers at {address} ({exc}): start one (`dask scheduler`, "
+            f"then `dask worker {address}` on each machine) or drop --dask-address to run on a "
+            f"local cluster"
+        ) from None
+    if parsed.hostname not in ("127.0.0.1", "localhost") and not os.environ.get(PREFECT_API_ENV):
+        raise StackError(
+            f"the Dask cluster at {address} runs tasks in processes that report to the Prefect "
+            f"API: set PREFECT_API_URL to a server they all reach (`aemnist server --host "
+            f"0.0.0.0` prints one), here and on every Dask worker"
+        )
+
+
+def _task_runner(kind: str, address: str | None, workers: int) -> Any:
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        return DaskTaskRunner(address=address)
+    # One single-threaded worker process per task slot: each task then sets its own torch
+    # threads, as the thread runner's tasks do.
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": LOOPBACK,
+        }
+    )
+
+
+def _share_prefect_api() -> None:
+    """Without PREFECT_API_URL, start this run's temporary Prefect server now and point the
+    whole process (and the worker processes it starts) at it: Dask workers otherwise each
+    start a temporary server of their own. It stops when the process exits, after the last
+    logs are shipped."""
+    if os.environ.get(PREFECT_API_ENV):
+        return
+    from prefect.context import refresh_global_settings_context
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    os.environ[PREFECT_API_ENV] = server.api_url
+    refresh_global_settings_context()
+
+
+def _server(args: argparse.Namespace) -> int:
+    from deployments.stack import (
+        check_port_free,
+        start_mlflow_server,
+        start_prefect_server,
+        wait_until_ready,
+    )
+
+    workdir = args.workdir.resolve()
+    ensure_writable(workdir)
+    state = workdir / "server"
+    state.mkdir(exist_ok=True)
+    check_port_free(args.host, args.prefect_port, "Prefect server", "--prefect-port")
+    check_port_free(args.host, args.mlflow_port, "MLflow server", "--mlflow-port")
+    print("Starting the Prefect server and the MLflow server ...", flush=True)
+    env = dict(os.environ)
+    services = [start_prefect_server(state, args.host, args.prefect_port, env)]
+    try:
+        services.append(start_mlflow_server(workdir, state, args.host, args.mlflow_port, env))
+        wait_until_ready(services, args.timeout)
+        prefect, mlflow = services
+        print(
+            f"Prefect server: {prefect.url}  (UI; API at {prefect.url}/api)\n"
+            f"MLflow server:  {mlflow.url}  (UI and tracking; store: {workdir})\n"
+            f"In each shell that deploys, starts a worker or runs the study:\n"
+            f"  export PREFECT_API_URL={prefect.url}/api\n"
+            f"  export MLFLOW_TRACKING_URI={mlflow.url}\n"
+            f"Logs: {state}/*.log. Ctrl-C stops both servers.",
+            flush=True,
+        )
+        # A plain `kill` stops the servers as Ctrl-C does.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        while all(service.alive() for service in services):
+            time.sleep(1.0)
+        dead = next(service for service in services if not service.alive())
+        raise StackError(
+            f"the {dead.name} stopped (exit code {dead.process.returncode}); see {dead.log}"
+        )
+    except KeyboardInterrupt:
+        print("Stopping the servers.", flush=True)
+        return 0
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from deployments.stack import deploy_study, ensure_work_pool, require_prefect_api
+
+    api = require_prefect_api("deploy")
+    tracking = os.environ.get(TRACKING_ENV)
+    if tracking:
+        check_reachable(tracking)
+    created = ensure_work_pool(WORK_POOL)
+    print(f"Work pool {WORK_POOL!r} (process) {'created' if created else 'exists'} on {api}")
+    names = deploy_study(os.environ)
+    print(f"Deployments: {', '.join(names)}")
+    print("Next: `aemnist worker`, then for instance `prefect deployment run study/smoke` "
+          "(override any parameter with --param NAME=VALUE)")  # fmt: skip
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from deployments.stack import require_prefect_api, work_pool_exists, worker_command
+
+    api = require_prefect_api("worker")
+    if not work_pool_exists(args.pool):
+        raise StackError(
+            f"work pool {args.pool!r} does not exist on {api}: create it and the deployments "
+            f"with `aemnist deploy`"
+        )
+    tracking = os.environ.get(TRACKING_ENV)
+    if tracking:
+        check_reachable(tracking)
+        print(f"Runs log to the MLflow tracking server {tracking}")
+    else:
+        print("MLFLOW_TRACKING_URI is not set: runs log to the embedded store of their work dir")
+    command = worker_command(args.pool, args.limit, args.name)
+    print(f"Worker on pool {args.pool!r} at {api}: {' '.join(command[2:])}", flush=True)
+    os.execv(command[0], command)
+    return 0  # not reached
 
 
 def _ui(args: argparse.Namespace) -> int:
@@ -208,7 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = _parser().parse_args(argv)
-    handler = {"run": _run, "ui": _ui, "report": _report, "status": _status}[args.command]
+    handlers = {
+        "run": _run,
+        "ui": _ui,
+        "report": _report,
+        "status": _status,
+        "server": _server,
+        "deploy": _deploy,
+        "worker": _worker,
+    }
+    handler = handlers[args.command]
     try:
         return handler(args)
     except USER_ERRORS as exc:

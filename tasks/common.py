@@ -21,7 +21,21 @@ def prefect_tags() -> dict[str, str]:
     if task_run.id:
         tags["prefect.task_run_id"] = str(task_run.id)
         tags["prefect.task_run_name"] = str(task_run.name)
+    worker = dask_worker()
+    if worker:
+        tags["dask.worker"] = worker
     return tags
+
+
+def dask_worker() -> str | None:
+    """The address of the Dask worker running this task (None outside Dask): which machine
+    and process trained a fold shows on its MLflow run."""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:  # not inside a Dask worker
+        return None
 
 
 @contextmanager

@@ -12,9 +12,30 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 
+from aemnist.config import load_config
 from aemnist.tracking import EXPERIMENT
 
 REPO_ROOT = Path(__file__).parents[1]
+SMOKE = load_config("smoke")
+
+
+def grid_names() -> set[str]:
+    """The smoke study's grid task (and nested run) names."""
+    return {
+        f"grid lr={lr:g} wd={wd:g} fold={fold}"
+        for lr in SMOKE.grid.learning_rates
+        for wd in SMOKE.grid.weight_decays
+        for fold in range(SMOKE.grid.folds)
+    }
+
+
+def expected_task_runs() -> set[str]:
+    """Every nested run of a smoke study but the final model's (named by its size)."""
+    return (
+        {"download", "folds", "grid summary", "sweep summary", "corruption", "embedding", "report"}
+        | grid_names()
+        | {f"sweep size={s}" for s in SMOKE.sweep.sizes}
+    )
 
 
 @dataclass
@@ -25,15 +46,22 @@ class CliResult:
     seconds: float
 
 
-def run_cli(
-    args: list[str], home: Path, env: dict[str, str] | None = None, timeout: float = 600
-) -> CliResult:
+def cli_env(home: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process's environment less what points at servers or injects faults, with
+    its own Prefect home and ``env`` on top."""
     full_env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "AEMNIST_FAULT")
     }
     full_env.update({"PREFECT_HOME": str(home), **(env or {})})
+    return full_env
+
+
+def run_cli(
+    args: list[str], home: Path, env: dict[str, str] | None = None, timeout: float = 600
+) -> CliResult:
+    full_env = cli_env(home, env)
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", *args],

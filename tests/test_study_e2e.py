@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import REPO_ROOT, free_port, nested_runs, run_cli
+from cli_helpers import REPO_ROOT, expected_task_runs, free_port, grid_names, nested_runs, run_cli
 from mlflow import MlflowClient
 
 from aemnist.config import load_config
@@ -22,23 +22,6 @@ from aemnist.layout import Layout
 from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
 
 SMOKE = load_config("smoke")
-
-
-def grid_names() -> set[str]:
-    return {
-        f"grid lr={lr:g} wd={wd:g} fold={fold}"
-        for lr in SMOKE.grid.learning_rates
-        for wd in SMOKE.grid.weight_decays
-        for fold in range(SMOKE.grid.folds)
-    }
-
-
-def expected_task_runs() -> set[str]:
-    return (
-        {"download", "folds", "grid summary", "sweep summary", "corruption", "embedding", "report"}
-        | grid_names()
-        | {f"sweep size={s}" for s in SMOKE.sweep.sizes}
-    )
 
 
 @pytest.fixture(scope="module")

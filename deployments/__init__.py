@@ -1,0 +1,1 @@
+"""How the study runs in production: deployments, servers, work pool and worker."""

@@ -1,0 +1,547 @@
+"""Production, all real and on loopback: `aemnist server` (a Prefect server and an MLflow
+tracking server on free ports), `aemnist deploy` (the process work pool and the study's
+deployments), `aemnist worker` (a Prefect process worker), a deployment run read back through
+MLflow's client, a failed deployment run retried from the Prefect CLI, the MLflow UI in
+headless Chromium, and the fan-out on a Dask cluster of two worker processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cli_helpers import (
+    REPO_ROOT,
+    SMOKE,
+    cli_env,
+    expected_task_runs,
+    free_port,
+    grid_names,
+    nested_runs,
+    run_cli,
+)
+from mlflow import MlflowClient
+
+from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
+
+# Screenshots of the MLflow UI test are kept here (git-ignored) for people to look at.
+ARTIFACTS = REPO_ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+FAULTY_FOLD = "grid lr=0.01 wd=1e-05 fold=1"
+
+
+class Background:
+    """A command of ours running in the background, its output in a log file."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("wb") as sink:
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            output = self.output()
+            if text in output:
+                return output
+            assert self.process.poll() is None, (
+                f"{self.log.name}: exited with {self.process.returncode} before "
+                f"{text!r}:\n{output[-4000:]}"
+            )
+            time.sleep(0.5)
+        raise AssertionError(f"{self.log.name}: no {text!r} in {timeout:g} s:\n{output[-4000:]}")
+
+    def stop(self) -> int:
+        """SIGTERM, as a user's `kill` or a service manager would; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+
+def aemnist(args: list[str], env: dict[str, str], log: Path) -> Background:
+    return Background([sys.executable, "-m", "flows.cli", *args], env, log)
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class Stack:
+    root: Path
+    workdir: Path  # the servers' work dir: MLflow store and Prefect database
+    prefect_api: str
+    mlflow_uri: str
+    env: dict[str, str]  # a user's shell after the exports `aemnist server` printed
+
+    def flow_run(self, flow_run_id: str) -> dict:
+        with urllib.request.urlopen(f"{self.prefect_api}/flow_runs/{flow_run_id}") as response:
+            return json.load(response)
+
+    def wait_for_flow_run(self, flow_run_id: str, timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.flow_run(flow_run_id)["state"]["type"]
+            if state in TERMINAL:
+                return state
+            time.sleep(2)
+        raise AssertionError(f"flow run {flow_run_id} not finished in {timeout:g} s")
+
+    def artifacts(self, flow_run_id: str) -> dict[str, dict]:
+        """The Prefect artifacts of a flow run, by key (the latest of each)."""
+        body = json.dumps({"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).encode()
+        request = urllib.request.Request(
+            f"{self.prefect_api}/artifacts/filter",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as response:
+            return {a["key"]: a for a in json.load(response) if a["key"]}
+
+    def prefect(self, *args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "prefect", *args],
+            cwd=REPO_ROOT,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def run_deployment(self, name: str, workdir: Path) -> str:
+        """`prefect deployment run` as a user types it; returns the flow run's id."""
+        proc = self.prefect("deployment", "run", name, "--param", f"workdir={workdir}")
+        match = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
+        assert match, proc.stdout
+        return match.group(1)
+
+    @contextmanager
+    def worker(self, name: str, extra_env: dict[str, str] | None = None) -> Iterator[Background]:
+        worker = aemnist(
+            ["worker", "--name", name],
+            {**self.env, **(extra_env or {})},
+            self.root / f"worker-{name}.log",
+        )
+        try:
+            worker.wait_for(f"Worker '{name}' started", timeout=180)
+            yield worker
+        finally:
+            worker.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("stack")
+    workdir = root / "server-work"
+    ports = free_port(), free_port()
+    env = cli_env(root / "client-home", {"AEMNIST_MNIST_MIRROR": str(mnist_mirror)})
+    server = aemnist(
+        [
+            "server",
+            "--workdir",
+            str(workdir),
+            "--prefect-port",
+            str(ports[0]),
+            "--mlflow-port",
+            str(ports[1]),
+        ],
+        env,
+        root / "server.log",
+    )
+    try:
+        output = server.wait_for("Ctrl-C stops both servers", timeout=300)
+        prefect_api = re.search(r"export PREFECT_API_URL=(\S+)", output).group(1)
+        mlflow_uri = re.search(r"export MLFLOW_TRACKING_URI=(\S+)", output).group(1)
+        assert prefect_api == f"http://127.0.0.1:{ports[0]}/api"
+        assert mlflow_uri == f"http://127.0.0.1:{ports[1]}"
+        env = {**env, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_uri}
+        yield Stack(root, workdir, prefect_api, mlflow_uri, env)
+    finally:
+        code = server.stop()
+    # Stopped at the end: a plain SIGTERM stops both servers and frees both ports.
+    assert code == 0, server.output()[-3000:]
+    assert not any(port_open(port) for port in ports)
+
+
+@pytest.fixture(scope="module")
+def deployed(stack: Stack) -> list[str]:
+    result = run_cli(["deploy"], home=stack.root / "client-home", env=stack.env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Work pool 'aemnist' (process) created" in result.stdout
+    match = re.search(r"Deployments: (.+)", result.stdout)
+    assert match, result.stdout
+    return match.group(1).split(", ")
+
+
+@pytest.fixture(scope="module")
+def deployed_smoke(stack: Stack, deployed: list[str]) -> tuple[str, Path, float]:
+    workdir = stack.root / "deployed-smoke"
+    with stack.worker("healthy"):
+        started = time.monotonic()
+        flow_run_id = stack.run_deployment("study/smoke", workdir)
+        state = stack.wait_for_flow_run(flow_run_id)
+        seconds = time.monotonic() - started
+    assert state == "COMPLETED", (stack.root / "worker-healthy.log").read_text()[-5000:]
+    return flow_run_id, workdir, seconds
+
+
+def parents_of(client: MlflowClient, flow_run_id: str) -> list:
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+        max_results=1000,
+        order_by=["attributes.start_time ASC"],
+    )
+    return [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+
+
+def test_deploy_creates_the_pool_and_a_deployment_per_profile(deployed: list[str]) -> None:
+    assert deployed == ["study/paper", "study/quick", "study/smoke"]
+
+
+def test_deployment_run_logs_runs_metrics_artifacts_and_model_to_the_tracking_server(
+    stack: Stack, deployed_smoke: tuple[str, Path, float]
+) -> None:
+    flow_run_id, workdir, _ = deployed_smoke
+    # The deployment recorded the repo root as its working directory and the run kept the
+    # deployment's profile, with the work dir overridden at trigger time.
+    flow_run = stack.flow_run(flow_run_id)
+    assert flow_run["parameters"] == {"profile": "smoke", "workdir": str(workdir)}
+
+    client = MlflowClient(stack.mlflow_uri)
+    parents = parents_of(client, flow_run_id)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["grid.learning_rates"] == "[0.01, 0.005]"
+    assert 0 < parent.data.metrics["final_test_mse"] < 0.2
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
+        "report.md",
+        "figures",
+        "tables",
+    }
+
+    runs = nested_runs(client, parent.info.run_id)
+    final = next(run for name, run in runs.items() if name.startswith("final size="))
+    assert set(runs) - {final.info.run_name} == expected_task_runs()
+    for name, run in runs.items():
+        assert run.info.status == "FINISHED", name
+        assert run.data.tags["prefect.flow_run_id"] == flow_run_id, name
+    for name in grid_names():
+        history = client.get_metric_history(runs[name].info.run_id, "val_loss")
+        assert [m.step for m in history] == list(range(1, SMOKE.grid.epochs + 1))
+        assert [a.path for a in client.list_artifacts(runs[name].info.run_id)] == ["tables"]
+
+    # The model is registered on the server and loads from it (its files travel through
+    # the server's artifact proxy, not a shared path).
+    import mlflow.pytorch
+    import torch
+
+    versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
+    version = next(v for v in versions if v.run_id == final.info.run_id)
+    mlflow.set_tracking_uri(stack.mlflow_uri)
+    try:
+        model = mlflow.pytorch.load_model(f"models:/{REGISTERED_MODEL}/{version.version}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    with torch.inference_mode():
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 1, 28, 28)
+
+    # Everything landed on the server's store; the run's work dir holds tables, no store.
+    assert not (workdir / "mlflow.db").exists()
+    assert (workdir / "report.md").exists()
+    stored = stack.workdir / "mlartifacts"
+    assert any(stored.rglob("report.md"))
+    served = MlflowClient(embedded_tracking_uri(stack.workdir))
+    assert served.get_run(parent.info.run_id).info.status == "FINISHED"
+
+
+def test_deployment_run_shows_tables_1_and_2_and_the_report_in_prefect(
+    stack: Stack, deployed_smoke: tuple[str, Path, float]
+) -> None:
+    flow_run_id, workdir, _ = deployed_smoke
+    artifacts = stack.artifacts(flow_run_id)
+    assert artifacts["aemnist-report"]["type"] == "markdown"
+    assert artifacts["aemnist-report"]["data"] == (workdir / "report.md").read_text()
+    table_1, table_2 = artifacts["aemnist-table-1"], artifacts["aemnist-table-2"]
+    assert (table_1["type"], table_2["type"]) == ("table", "table")
+    rows_1, rows_2 = json.loads(table_1["data"]), json.loads(table_2["data"])
+    n_pairs = len(SMOKE.grid.learning_rates) * len(SMOKE.grid.weight_decays)
+    assert len(rows_1) == n_pairs and {"lr", "weight_decay"} <= set(rows_1[0])
+    assert sorted(row["size"] for row in rows_2) == sorted(SMOKE.sweep.sizes)
+
+
+def test_failed_deployment_run_retried_from_the_cli_reuses_completed_tasks(
+    stack: Stack, deployed_smoke: tuple[str, Path, float]
+) -> None:
+    workdir = stack.root / "retried-smoke"
+    # A worker whose environment breaks one fold (a bad node, say) runs the deployment ...
+    fault = "grid:lr=0.01,weight_decay=1e-05,fold=1"
+    with stack.worker("faulty", {"AEMNIST_FAULT": fault}):
+        flow_run_id = stack.run_deployment("study/smoke", workdir)
+        assert stack.wait_for_flow_run(flow_run_id) == "FAILED"
+    # ... and, with a healthy worker in its place, the same flow run is retried.
+    with stack.worker("healthy-2") as worker:
+        stack.prefect("flow-run", "retry", flow_run_id)
+        assert stack.wait_for_flow_run(flow_run_id) == "COMPLETED", worker.output()[-5000:]
+
+    client = MlflowClient(stack.mlflow_uri)
+    failed, retried = parents_of(client, flow_run_id)
+    assert (failed.info.status, retried.info.status) == ("FAILED", "FINISHED")
+    first = nested_runs(client, failed.info.run_id)
+    assert first[FAULTY_FOLD].info.status == "FAILED"
+    # The retry trained only the fold that had failed; the five others are reused and
+    # linked to the runs of the failed attempt that produced them.
+    second = nested_runs(client, retried.info.run_id)
+    assert {name for name in second if name.startswith("grid lr=")} == {FAULTY_FOLD}
+    assert second[FAULTY_FOLD].info.status == "FINISHED"
+    links = {k: v for k, v in retried.data.tags.items() if k.startswith("reused.grid")}
+    assert sorted(links.values()) == sorted(
+        first[name].info.run_id for name in grid_names() - {FAULTY_FOLD}
+    )
+    assert (workdir / "report.md").exists()
+
+
+def test_mlflow_ui_shows_the_study_a_fold_and_its_metric_charts(
+    stack: Stack, deployed_smoke: tuple[str, Path, float]
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    flow_run_id, _, _ = deployed_smoke
+    client = MlflowClient(stack.mlflow_uri)
+    parent = parents_of(client, flow_run_id)[0]
+    experiment_id = parent.info.experiment_id
+    fold = nested_runs(client, parent.info.run_id)["grid lr=0.005 wd=1e-05 fold=2"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    base = f"{stack.mlflow_uri}/#/experiments/{experiment_id}"
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{base}/runs", wait_until="domcontentloaded")
+            study_link = page.get_by_role("link", name="study-smoke").first
+            expect(study_link).to_be_visible(timeout=60_000)
+            page.screenshot(path=ARTIFACTS / "mlflow-ui-experiment.png")
+
+            page.goto(f"{base}/runs/{fold.info.run_id}", wait_until="domcontentloaded")
+            expect(page.get_by_text("grid lr=0.005 wd=1e-05 fold=2").first).to_be_visible(
+                timeout=60_000
+            )
+            params = page.get_by_text(re.compile(r"^Parameters \(\d+\)$"))
+            expect(params).to_have_text(f"Parameters ({len(fold.data.params)})")
+            for name in ("weight_decay", "fold", "size", "epochs"):  # names no metric has
+                row = page.get_by_role("row").filter(
+                    has=page.get_by_role("cell", name=name, exact=True)
+                )
+                expect(row).to_contain_text(fold.data.params[name])
+            page.screenshot(path=ARTIFACTS / "mlflow-ui-fold-run.png")
+
+            page.get_by_role("tab", name="Model metrics").click()
+            chart = page.locator(".js-plotly-plot").filter(has=page.locator(".scatterlayer .trace"))
+            expect(chart.first).to_be_visible(timeout=60_000)
+            for metric in ("train_loss", "val_loss"):
+                expect(page.get_by_text(metric, exact=True).first).to_be_visible()
+            page.screenshot(path=ARTIFACTS / "mlflow-ui-metric-charts.png")
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "mlflow-ui-metric-charts.png").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, set[str]]]:
+    """A real Dask cluster from its own command line: a scheduler and two 1-thread worker
+    processes, all on loopback."""
+    root = tmp_path_factory.mktemp("dask")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = cli_env(root / "home")
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    scheduler = Background(
+        [*dask, "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+        env,
+        root / "scheduler.log",
+    )
+    workers = Background(
+        [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            address,
+            "--nworkers",
+            "2",
+            "--nthreads",
+            "1",
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+        ],
+        env,
+        root / "workers.log",
+    )
+    try:
+        scheduler.wait_for("Scheduler at", timeout=120)
+        from distributed import Client
+
+        with Client(address, timeout=120) as client:
+            client.wait_for_workers(2, timeout=120)
+            addresses = set(client.scheduler_info()["workers"])
+        yield address, addresses
+    finally:
+        workers.stop()
+        scheduler.stop()
+
+
+def test_dask_task_runner_runs_the_folds_on_the_cluster_workers(
+    tmp_path: Path, mnist_mirror: Path, dask_cluster: tuple[str, set[str]]
+) -> None:
+    address, workers = dask_cluster
+    assert len(workers) == 2
+    workdir = tmp_path / "work"
+    result = run_cli(
+        [
+            "run",
+            "--profile",
+            "smoke",
+            "--workdir",
+            str(workdir),
+            "--mnist-mirror",
+            str(mnist_mirror),
+            "--task-runner",
+            "dask",
+            "--dask-address",
+            address,
+        ],
+        home=tmp_path / "home",
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    client = MlflowClient(embedded_tracking_uri(workdir))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parent = client.search_runs([experiment.experiment_id], "tags.profile = 'smoke'")[0]
+    runs = nested_runs(client, parent.info.run_id)
+    ran_on = {name: runs[name].data.tags.get("dask.worker") for name in grid_names()}
+    # Every fold ran in a worker process of the cluster, and the two workers shared them.
+    assert set(ran_on.values()) <= workers, ran_on
+    assert set(ran_on.values()) == workers, ran_on
+    for size in SMOKE.sweep.sizes:
+        assert runs[f"sweep size={size}"].data.tags.get("dask.worker") in workers
+    flow_pid = parent.data.tags["aemnist.pid"]
+    assert all(runs[name].data.tags["aemnist.pid"] != flow_pid for name in grid_names())
+    assert parent.info.status == "FINISHED"
+    assert (workdir / "report.md").exists()
+
+
+def test_worker_without_its_pool_or_tracking_server_says_so_before_starting(
+    stack: Stack, deployed: list[str]
+) -> None:
+    home = stack.root / "client-home"
+    no_pool = run_cli(["worker", "--pool", "gpu-pool"], home=home, env=stack.env)
+    assert no_pool.returncode == 2
+    assert "work pool 'gpu-pool' does not exist" in no_pool.stderr
+    assert "aemnist deploy" in no_pool.stderr
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    for command in (["worker"], ["deploy"]):
+        result = run_cli(command, home=home, env={**stack.env, "MLFLOW_TRACKING_URI": dead})
+        assert result.returncode == 2, command
+        assert f"MLflow tracking server {dead} is unreachable" in result.stderr, command
+        assert "Traceback" not in result.stderr
+
+
+def test_server_commands_name_the_missing_server_the_busy_port_and_the_timeout(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "home"
+    for command in (["deploy"], ["worker"]):
+        unset = run_cli(command, home=home)
+        assert unset.returncode == 2
+        assert f"`aemnist {command[0]}` needs a Prefect server" in unset.stderr
+    silent = f"http://127.0.0.1:{free_port()}/api"
+    down = run_cli(["worker"], home=home, env={"PREFECT_API_URL": silent})
+    assert down.returncode == 2
+    assert f"no Prefect server answers at PREFECT_API_URL={silent}" in down.stderr
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        taken = run_cli(
+            ["server", "--workdir", str(tmp_path / "w"), "--mlflow-port", str(port)], home=home
+        )
+    assert taken.returncode == 2
+    assert f"cannot start the MLflow server on 127.0.0.1:{port}: the port is in use" in (
+        taken.stderr
+    )
+
+    late = run_cli(
+        [
+            "server",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--prefect-port",
+            str(free_port()),
+            "--mlflow-port",
+            str(free_port()),
+            "--timeout",
+            "1",
+        ],
+        home=home,
+    )
+    assert late.returncode == 2
+    assert "did not answer at http://127.0.0.1:" in late.stderr
+    assert "within 1 s" in late.stderr
+    assert str(tmp_path / "w" / "server") in late.stderr  # names its log
+
+
+def test_dask_address_without_a_scheduler_fails_before_any_work(tmp_path: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    result = run_cli(
+        ["run", "--profile", "smoke", "--workdir", str(tmp_path / "w"), "--task-runner", "dask",
+         "--dask-address", address],
+        home=tmp_path / "home",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"no Dask scheduler answers at {address}" in result.stderr
+    assert not (tmp_path / "w" / "mlflow.db").exists()
