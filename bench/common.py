@@ -44,7 +44,7 @@ def bench_dir() -> Path:
 
 
 def mnist(train: bool = True) -> ImageSet:
-    tables = download_mnist(bench_dir() / "data", mirror(), force=False)
+    tables, _ = download_mnist(bench_dir() / "data", mirror(), force=False)
     return load_images(tables["train" if train else "test"].path)
 
 
@@ -63,14 +63,16 @@ def torchvision_root() -> Path:
 def laboratory_epochs(model: nn.Module, epochs: int, seed: int = SEED) -> tuple[float, list[float]]:
     """The laboratory loop: torchvision's MNIST with ToTensor through a shuffling DataLoader,
     Adam, MSE. Returns the seconds spent training and each epoch's mean training loss."""
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, RandomSampler
     from torchvision import datasets, transforms
 
     dataset = datasets.MNIST(
         torchvision_root(), train=True, download=False, transform=transforms.ToTensor()
     )
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=generator)
+    # shuffle=True, with the sampler's own seeded generator: a DataLoader also draws a base
+    # seed from its generator, so sharing one would shift the permutation that fit draws.
+    sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(dataset, batch_size=BATCH, sampler=sampler)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     losses = []
     started = time.perf_counter()
