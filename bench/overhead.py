@@ -1,0 +1,87 @@
+"""Orchestration overhead: a study's wall time against the time its tasks spend computing.
+
+Runs `aemnist run` (smoke profile unless told otherwise) on a fresh work dir, then again on
+the same work dir (everything cached), each as a user would from a shell. A task's compute
+is its MLflow nested run (from its start to its end); tasks that ran side by side count once
+(the union of their intervals). Overhead = wall time - compute: process start and imports,
+Prefect's temporary server, task submission, states, result persistence.
+
+    python bench/overhead.py [--profile smoke] [--prefect-home DIR]
+
+A fresh PREFECT_HOME (the default: a new temporary one) makes the temporary Prefect server
+create and migrate its database, as on a user's first run; pass --prefect-home to reuse one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import REPO_ROOT, machine, mirror, result, scratch
+from mlflow import MlflowClient
+
+from aemnist.tracking import EXPERIMENT, embedded_tracking_uri
+
+
+def run_study(profile: str, workdir: Path, home: Path) -> float:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+    }
+    env["PREFECT_HOME"] = str(home)
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--profile", profile, "--workdir",
+         str(workdir), "--mnist-mirror", str(mirror())],
+        cwd=REPO_ROOT, env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    return time.monotonic() - started
+
+
+def compute_seconds(workdir: Path, parent_index: int) -> tuple[float, int]:
+    """Union of the nested runs' intervals under one parent run, and their count."""
+    client = MlflowClient(embedded_tracking_uri(workdir))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs(
+        [experiment.experiment_id], "tags.profile != ''", order_by=["attributes.start_time ASC"]
+    )
+    parent = parents[parent_index]
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        max_results=1000,
+    )
+    intervals = sorted((r.info.start_time, r.info.end_time) for r in runs if r.info.end_time)
+    covered, end = 0, 0
+    for start, stop in intervals:
+        if stop > end:
+            covered += stop - max(start, end)
+            end = stop
+    return covered / 1000, len(runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="smoke")
+    parser.add_argument("--prefect-home", type=Path)
+    args = parser.parse_args()
+    root = scratch()
+    home = args.prefect_home or root / "prefect-home"
+    workdir = root / "work"
+    print(f"machine: {machine()}; profile {args.profile}")
+
+    fresh = run_study(args.profile, workdir, home)
+    compute, tasks = compute_seconds(workdir, 0)
+    overhead = fresh - compute
+    print(f"fresh run: wall {fresh:.1f} s, tasks computing {compute:.1f} s ({tasks} task runs), "
+          f"overhead {overhead:.1f} s, {overhead / max(tasks, 1):.2f} s per task run")  # fmt: skip
+    cached = run_study(args.profile, workdir, home)
+    print(f"cached re-run (same work dir and Prefect home): wall {cached:.1f} s")
+    result("overhead", overhead, "s", compute)
+
+
+if __name__ == "__main__":
+    main()
