@@ -42,6 +42,10 @@ OFFLINE_DEFAULTS = {
 }
 
 
+def _workdir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aemnist",
@@ -117,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         "from its checkpoint), failed (its last attempt failed; a re-run retries it) or pending "
         "(a re-run computes it).",
     )
-    status.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
+    _workdir_option(status)
     status.add_argument("--profile", choices=PROFILES, help="the profile (as for run)")
     status.add_argument("--config", type=Path, metavar="FILE.toml", help="as for run")
     status.add_argument("--seed", type=int, help="as for run")
@@ -128,9 +132,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve the MLflow UI on the embedded store of a work dir "
         "(its SQLite database and artifact folder).",
     )
-    ui.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
+    _workdir_option(ui)
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
-    ui.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    ui.add_argument("--host", default=LOOPBACK, help=f"address to bind (default: {LOOPBACK})")
 
     server = commands.add_parser(
         "server",
@@ -140,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
         "WORKDIR/mlartifacts), wait until both answer, print their URLs and the variables "
         "that point the other commands at them, and serve until Ctrl-C.",
     )
-    server.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
+    _workdir_option(server)
     server.add_argument(
         "--host",
         default=LOOPBACK,
@@ -180,7 +184,7 @@ def _parser() -> argparse.ArgumentParser:
         help="rebuild report.md from the stored tables",
         description="Rebuild report.md and its figures from the tables of a finished study.",
     )
-    report.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
+    _workdir_option(report)
     return parser
 
 

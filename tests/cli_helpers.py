@@ -46,6 +46,12 @@ class CliResult:
     seconds: float
 
 
+def smoke_run(workdir: Path, mirror: Path, *extra: str) -> list[str]:
+    """`aemnist run` of the smoke profile on ``workdir``, MNIST from ``mirror``."""
+    return ["run", "--profile", "smoke", "--workdir", str(workdir), "--mnist-mirror", str(mirror),
+            *extra]  # fmt: skip
+
+
 def cli_env(home: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     """The test process's environment less what points at servers or injects faults, with
     its own Prefect home and ``env`` on top."""

@@ -29,6 +29,7 @@ from cli_helpers import (
     grid_names,
     nested_runs,
     run_cli,
+    smoke_run,
 )
 from mlflow import MlflowClient
 
@@ -461,19 +462,7 @@ def test_dask_task_runner_runs_the_folds_on_the_cluster_workers(
     assert len(workers) == 2
     workdir = tmp_path / "work"
     result = run_cli(
-        [
-            "run",
-            "--profile",
-            "smoke",
-            "--workdir",
-            str(workdir),
-            "--mnist-mirror",
-            str(mnist_mirror),
-            "--task-runner",
-            "dask",
-            "--dask-address",
-            address,
-        ],
+        smoke_run(workdir, mnist_mirror, "--task-runner", "dask", "--dask-address", address),
         home=tmp_path / "home",
         env={"PREFECT_API_URL": stack.prefect_api},
     )

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO_ROOT, free_port, nested_runs, run_cli
+from cli_helpers import REPO_ROOT, free_port, nested_runs, run_cli, smoke_run
 from mlflow import MlflowClient
 
 from aemnist import plan
@@ -37,20 +37,7 @@ class Study:
         self.mirror = mirror
 
     def run(self, *args: str, env: dict[str, str] | None = None):  # noqa: ANN201
-        return run_cli(
-            [
-                "run",
-                "--profile",
-                "smoke",
-                "--workdir",
-                str(self.workdir),
-                "--mnist-mirror",
-                str(self.mirror),
-                *args,
-            ],
-            home=self.home,
-            env=env,
-        )
+        return run_cli(smoke_run(self.workdir, self.mirror, *args), home=self.home, env=env)
 
     def restore(self) -> None:
         # mlflow.db is overwritten in place: this process's MLflow client keeps its SQLite

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import REPO_ROOT, expected_task_runs, free_port, grid_names, nested_runs, run_cli
+from cli_helpers import (
+    REPO_ROOT,
+    expected_task_runs,
+    free_port,
+    grid_names,
+    nested_runs,
+    run_cli,
+    smoke_run,
+)
 from mlflow import MlflowClient
 
 from aemnist.config import load_config
@@ -28,18 +36,7 @@ SMOKE = load_config("smoke")
 def smoke_study(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path):  # noqa: ANN201
     root = tmp_path_factory.mktemp("smoke")
     workdir = root / "work"
-    result = run_cli(
-        [
-            "run",
-            "--profile",
-            "smoke",
-            "--workdir",
-            str(workdir),
-            "--mnist-mirror",
-            str(mnist_mirror),
-        ],
-        home=root / "prefect-home",
-    )
+    result = run_cli(smoke_run(workdir, mnist_mirror), home=root / "prefect-home")
     assert result.returncode == 0, (
         f"smoke study failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     )
