@@ -16,10 +16,15 @@ from pathlib import Path
 from typing import Any
 
 PROFILES = ("smoke", "quick", "paper")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):
     """An invalid configuration value; the message names the field and what is allowed."""
+
+
+class DeviceError(ConfigError):
+    """runtime.device names a device this machine cannot use; the message says what to run."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,12 @@ class EmbeddingConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    # Parallel task slots for the grid and sweep fan-out; 0 = one per CPU core.
+    # Parallel task slots for the grid and sweep fan-out on the CPU; 0 = one per CPU core.
     workers: int = 0
+    # Where tensors live and models train: auto = cuda where torch sees a GPU, else cpu.
+    device: str = "auto"
+    # Training tasks sharing one GPU at a time, each on its own CUDA stream (bench/gpu.py).
+    gpu_concurrency: int = 8
 
 
 @dataclass(frozen=True)
@@ -132,9 +141,7 @@ _TOP_LEVEL = ("profile", "seed")
 
 def profile_path(name: str) -> Path:
     if name not in PROFILES:
-        raise ConfigError(
-            f"profile: unknown profile {name!r}; choose one of {', '.join(PROFILES)}"
-        )
+        raise ConfigError(f"profile: unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
     return Path(__file__).parent / "profiles" / f"{name}.toml"
 
 
@@ -179,6 +186,16 @@ def load_config(
     raw = merge(raw, overrides or {})
     raw["profile"] = name
     return from_dict(raw)
+
+
+def run_overrides(seed: int | None = None, device: str | None = None) -> dict[str, Any]:
+    """The overrides of a run's command-line flags (or flow parameters): only those given."""
+    out: dict[str, Any] = {}
+    if seed is not None:
+        out["seed"] = seed
+    if device is not None:
+        out["runtime"] = {"device": device}
+    return out
 
 
 def from_dict(raw: dict[str, Any]) -> StudyConfig:
@@ -298,6 +315,12 @@ def validate(c: StudyConfig) -> None:
     )
     _require(c.embedding.knn >= 1, "embedding.knn", "must be 1 or more")
     _require(c.runtime.workers >= 0, "runtime.workers", "must be 0 (one per core) or positive")
+    _require(
+        c.runtime.device in DEVICES,
+        "runtime.device",
+        f"must be one of {', '.join(DEVICES)}, got {c.runtime.device!r}",
+    )
+    _require(c.runtime.gpu_concurrency >= 1, "runtime.gpu_concurrency", "must be 1 or more")
     n_train = c.data.train_limit or 60000
     _require(
         n_train >= c.grid.folds * 10,

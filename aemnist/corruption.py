@@ -42,35 +42,41 @@ def corrupt(
     raise ValueError(f"unknown corruption kind {kind!r}; choose one of {KINDS}")
 
 
-@torch.inference_mode()
 def corruption_curves(
     model: nn.Module,
     images: torch.Tensor,
     levels: dict[str, tuple[float, ...]],
     seed: int,
     batch_size: int = 2048,
+    device: str = "cpu",
 ) -> pd.DataFrame:
-    """The corruption table: kind, level, mse (reconstruction) and baseline_mse (input)."""
-    model.eval()
-    rows = []
-    for kind, kind_levels in levels.items():
-        for level in kind_levels:
-            generator = torch.Generator().manual_seed(seed)
-            sq_rec = 0.0
-            sq_in = 0.0
-            for start in range(0, images.shape[0], batch_size):
-                clean = images[start : start + batch_size]
-                noisy = corrupt(clean, kind, level, generator)
-                sq_rec += float(((model(noisy) - clean) ** 2).double().sum())
-                sq_in += float(((noisy - clean) ** 2).double().sum())
-            rows.append(
-                {
-                    "kind": kind,
-                    "level": float(level),
-                    "mse": sq_rec / images.numel(),
-                    "baseline_mse": sq_in / images.numel(),
-                }
-            )
+    """The corruption table: kind, level, mse (reconstruction) and baseline_mse (input).
+
+    The corruptions are drawn on the CPU (the same draws whatever the device); the model
+    reconstructs on ``device`` and is left there."""
+    model.to(device)  # outside inference mode: the weights must stay ordinary tensors
+    with torch.inference_mode():
+        model.eval()
+        rows = []
+        for kind, kind_levels in levels.items():
+            for level in kind_levels:
+                generator = torch.Generator().manual_seed(seed)
+                sq_rec = torch.zeros((), dtype=torch.float64, device=device)
+                sq_in = torch.zeros((), dtype=torch.float64, device=device)
+                for start in range(0, images.shape[0], batch_size):
+                    clean = images[start : start + batch_size]
+                    noisy = corrupt(clean, kind, level, generator).to(device)
+                    clean = clean.to(device)
+                    sq_rec += ((model(noisy) - clean) ** 2).double().sum()
+                    sq_in += ((noisy - clean) ** 2).double().sum()
+                rows.append(
+                    {
+                        "kind": kind,
+                        "level": float(level),
+                        "mse": float(sq_rec) / images.numel(),
+                        "baseline_mse": float(sq_in) / images.numel(),
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -88,3 +94,24 @@ def corruption_examples(
         corrupted.append(noisy[0, 0].numpy())
         restored.append(model(noisy)[0, 0].numpy())
     return np.stack(corrupted), np.stack(restored)
+
+
+def examples_frame(
+    model: nn.Module, image: torch.Tensor, levels: dict[str, tuple[float, ...]], seed: int
+) -> pd.DataFrame:
+    """The corruption_examples table: one image (1, 28, 28) corrupted at every level of every
+    kind, and its reconstruction (on the CPU), as flat pixel lists."""
+    model.to("cpu")
+    rows = []
+    for kind, kind_levels in levels.items():
+        corrupted, restored = corruption_examples(model, image, kind, kind_levels, seed)
+        for level, c, r in zip(kind_levels, corrupted, restored, strict=True):
+            rows.append(
+                {
+                    "kind": kind,
+                    "level": level,
+                    "corrupted": c.reshape(-1),
+                    "restored": r.reshape(-1),
+                }
+            )
+    return pd.DataFrame(rows)

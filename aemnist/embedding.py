@@ -14,17 +14,23 @@ from aemnist.data import ImageSet
 from aemnist.model import Autoencoder
 
 
-@torch.inference_mode()
-def encode(model: Autoencoder, images: torch.Tensor, batch_size: int = 2048) -> np.ndarray:
-    model.eval()
-    parts = [model.encoder(images[s : s + batch_size]) for s in range(0, len(images), batch_size)]
-    return torch.cat(parts).numpy()
+def encode(
+    model: Autoencoder, images: torch.Tensor, batch_size: int = 2048, device: str = "cpu"
+) -> np.ndarray:
+    """The latent codes of ``images`` (computed on ``device``) as a CPU array."""
+    model.to(device)  # outside inference mode: the weights must stay ordinary tensors
+    with torch.inference_mode():
+        model.eval()
+        images = images.to(device)
+        starts = range(0, len(images), batch_size)
+        parts = [model.encoder(images[s : s + batch_size]) for s in starts]
+        return torch.cat(parts).cpu().numpy()
 
 
 def tsne_map(z: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
-    return TSNE(
-        n_components=2, perplexity=perplexity, init="pca", random_state=seed
-    ).fit_transform(z)
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(
+        z
+    )
 
 
 def knn_accuracy(points: np.ndarray, labels: np.ndarray, k: int, seed: int) -> float:
@@ -52,11 +58,17 @@ def sample_indices(n_total: int, n: int, seed: int) -> np.ndarray:
 
 
 def embed(
-    model: Autoencoder, test: ImageSet, n_images: int, perplexity: float, knn: int, seed: int
+    model: Autoencoder,
+    test: ImageSet,
+    n_images: int,
+    perplexity: float,
+    knn: int,
+    seed: int,
+    device: str = "cpu",
 ) -> tuple[pd.DataFrame, dict[str, float]]:
     """The embedding table (idx, label, z, tsne_x, tsne_y) and the separation metrics."""
     rows = sample_indices(len(test), n_images, seed)
-    z = encode(model, test.images[torch.from_numpy(rows)])
+    z = encode(model, test.images[torch.from_numpy(rows)], device=device)
     labels = test.labels[rows]
     xy = tsne_map(z, perplexity, seed)
     frame = pd.DataFrame(

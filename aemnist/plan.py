@@ -62,6 +62,15 @@ def refreshed_stages(fresh: bool, refresh: list[str] | None) -> set[str]:
     return out
 
 
+def on_device(config: StudyConfig) -> dict[str, Any]:
+    """The device as a key input of the stages that compute with torch: a result computed on
+    a GPU is not reused for a CPU run, nor the reverse (their last digits differ). CPU keys
+    carry no device field, so results stored before devices existed stay valid. ``config``
+    holds the resolved device (aemnist.runtime.with_resolved_device)."""
+    device = config.runtime.device
+    return {} if device == "cpu" else {"device": device}
+
+
 def grid_labels(config: StudyConfig) -> list[tuple[str, float, float, int]]:
     return [
         (f"grid lr={lr:g} wd={wd:g} fold={fold}", lr, wd, fold)
@@ -110,6 +119,7 @@ def grid_inputs(
         "epochs": config.grid.epochs,
         "training": config.training,
         "seed": config.seed,
+        **on_device(config),
     }
 
 
@@ -139,6 +149,7 @@ def sweep_inputs(
         "plateau_patience": config.sweep.plateau_patience,
         "training": config.training,
         "seed": config.seed,
+        **on_device(config),
     }
 
 
@@ -173,6 +184,7 @@ def corruption_inputs(
         "corruption": config.corruption,
         "training": config.training,
         "seed": config.seed,
+        **on_device(config),
     }
 
 
@@ -186,6 +198,7 @@ def embedding_inputs(
         "model": model,
         "embedding": config.embedding,
         "seed": config.seed,
+        **on_device(config),
     }
 
 

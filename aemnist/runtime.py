@@ -1,10 +1,13 @@
-"""Process-level settings of the compute: how many workers, how many torch threads each."""
+"""Process-level settings of the compute: the device, how many workers, torch threads each."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
+
+from aemnist.config import DEVICES, DeviceError, StudyConfig
 
 
 def cpu_count() -> int:
@@ -14,8 +17,49 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def parallel_workers(configured: int) -> int:
-    """Task slots for the fan-out: the configured count, or one per core when 0."""
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` where torch sees a GPU, else ``cpu``; ``cuda`` must be usable."""
+    if requested not in DEVICES:
+        raise DeviceError(f"runtime.device: {requested!r} is not one of {', '.join(DEVICES)}")
+    if requested == "cpu":
+        return "cpu"
+    available = torch.cuda.is_available()
+    if requested == "auto":
+        return "cuda" if available else "cpu"
+    if not available:
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU build"
+        raise DeviceError(
+            f"runtime.device is 'cuda' but torch {torch.__version__} ({build}) sees no GPU on "
+            "this machine; run with --device cpu (or auto), or on a machine with a GPU"
+        )
+    return "cuda"
+
+
+def with_resolved_device(config: StudyConfig) -> StudyConfig:
+    """``config`` with runtime.device resolved to cpu or cuda, as the tasks are keyed on it
+    and the saved config records it."""
+    device = resolve_device(config.runtime.device)
+    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, device=device))
+
+
+def prepare_device(device: str) -> None:
+    """Make CUDA kernels deterministic, so that the same config and seed give the same tables
+    on the same GPU. cuBLAS needs its workspace setting before its first use."""
+    if device != "cuda":
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    # float32 matmuls in full precision: TF32 would move the losses by about 1e-3.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def parallel_workers(configured: int, device: str = "cpu", gpu_concurrency: int = 8) -> int:
+    """Task slots for the fan-out. On the CPU: the configured count, or one per core when 0.
+    On a GPU: ``gpu_concurrency`` tasks share it (each on its own CUDA stream)."""
+    if device == "cuda":
+        return gpu_concurrency
     return configured or cpu_count()
 
 

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from aemnist.config import PROFILES, ConfigError, load_config, read_saved_config
+from aemnist.config import (
+    DEVICES,
+    PROFILES,
+    ConfigError,
+    load_config,
+    read_saved_config,
+    run_overrides,
+)
 from aemnist.data import MIRROR_ENV, DataError, ensure_writable
 from aemnist.layout import Layout
 from aemnist.plan import STAGES
@@ -44,6 +51,16 @@ OFFLINE_DEFAULTS = {
 
 def _workdir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
+
+
+def _device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        help="where models train and evaluate: auto (a GPU where torch sees one, else the CPU), "
+        "cpu or cuda; default: the config's runtime.device (auto). On a GPU, "
+        "runtime.gpu_concurrency tasks share it",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
         "it a local cluster of one 1-thread worker process per task slot is started",
     )
 
+    _device_option(run)
+
     status = commands.add_parser(
         "status",
         help="what a re-run would do: every stage and task as cached, partial, failed or pending",
@@ -125,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--profile", choices=PROFILES, help="the profile (as for run)")
     status.add_argument("--config", type=Path, metavar="FILE.toml", help="as for run")
     status.add_argument("--seed", type=int, help="as for run")
+    _device_option(status)
 
     ui = commands.add_parser(
         "ui",
@@ -190,8 +210,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     # Validate before anything starts: a bad value costs no server start and no training.
-    overrides = {"seed": args.seed} if args.seed is not None else None
-    config = load_config(args.profile, args.config, overrides)
+    from aemnist.runtime import parallel_workers, with_resolved_device
+
+    config = with_resolved_device(
+        load_config(args.profile, args.config, run_overrides(args.seed, args.device))
+    )
     workdir = args.workdir.resolve()
     ensure_writable(workdir)
     check_reachable(resolve_tracking_uri(workdir))
@@ -201,11 +224,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.task_runner == "dask" and args.dask_address:
         _check_dask_scheduler(args.dask_address)
 
-    from aemnist.runtime import parallel_workers
     from flows.study import study
 
     started = time.monotonic()
-    workers = parallel_workers(config.runtime.workers)
+    runtime = config.runtime
+    workers = parallel_workers(runtime.workers, runtime.device, runtime.gpu_concurrency)
     runner = _task_runner(args.task_runner, args.dask_address, workers)
     if args.task_runner == "dask":
         _share_prefect_api()
@@ -217,6 +240,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         fresh=args.fresh,
         refresh=args.refresh,
+        device=args.device,
     )
     tracking = os.environ.get(TRACKING_ENV)
     print(f"\nStudy ({config.profile}) finished in {time.monotonic() - started:.0f} s.")
@@ -400,10 +424,12 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from aemnist.runtime import with_resolved_device
     from aemnist.status import format_status, study_status
 
-    overrides = {"seed": args.seed} if args.seed is not None else None
-    config = load_config(args.profile, args.config, overrides)
+    config = with_resolved_device(
+        load_config(args.profile, args.config, run_overrides(args.seed, args.device))
+    )
     layout = Layout(args.workdir.resolve())
     uri = resolve_tracking_uri(layout.root)
     store_exists = uri != embedded_tracking_uri(layout.root) or (layout.root / "mlflow.db").exists()

@@ -16,10 +16,16 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from aemnist import plan
-from aemnist.config import load_config
+from aemnist.config import load_config, run_overrides
 from aemnist.data import MIRROR_ENV
 from aemnist.layout import Layout
-from aemnist.runtime import cpu_count, parallel_workers, threads_per_task
+from aemnist.runtime import (
+    cpu_count,
+    parallel_workers,
+    prepare_device,
+    threads_per_task,
+    with_resolved_device,
+)
 from tasks.aggregate import summarise_grid, summarise_sweep
 from tasks.caching import result_storage, submit_stage
 from tasks.data import assign_folds, download
@@ -78,17 +84,26 @@ def study(
     seed: int | None = None,
     fresh: bool = False,
     refresh: list[str] | None = None,
+    device: str | None = None,
 ) -> str:
     """Run the whole study; returns the path of the report.
 
     ``fresh`` recomputes every stage; ``refresh`` names stages to recompute with every stage
-    that follows from them."""
-    overrides = {"seed": seed} if seed is not None else None
-    config = load_config(profile, Path(config_file) if config_file else None, overrides)
+    that follows from them; ``device`` (auto, cpu or cuda) overrides runtime.device."""
+    config = with_resolved_device(
+        load_config(
+            profile, Path(config_file) if config_file else None, run_overrides(seed, device)
+        )
+    )
+    prepare_device(config.runtime.device)
     layout = Layout(Path(workdir).resolve())
     mirror = mnist_mirror or os.environ.get(MIRROR_ENV) or None
     redo = plan.refreshed_stages(fresh, refresh)
-    threads = threads_per_task(parallel_workers(config.runtime.workers))
+    threads = threads_per_task(
+        parallel_workers(
+            config.runtime.workers, config.runtime.device, config.runtime.gpu_concurrency
+        )
+    )
 
     def submit(
         task: Any, stage: str, inputs: dict[str, Any], label: str | None = None, **runtime: Any

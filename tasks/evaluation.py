@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pandas as pd
 from prefect import get_run_logger, task
 
 from aemnist.config import CorruptionConfig, EmbeddingConfig, TrainingConfig
-from aemnist.corruption import corruption_curves, corruption_examples
+from aemnist.corruption import corruption_curves, examples_frame
 from aemnist.data import load_images
 from aemnist.embedding import embed
 from aemnist.layout import Layout
@@ -29,31 +28,21 @@ def evaluate_corruption(
     training: TrainingConfig,
     seed: int,
     threads: int,
+    device: str = "cpu",
 ) -> TableRef:
     """Reconstruction MSE under Gaussian noise and occlusion, with the input's own MSE."""
     levels = {"noise": corruption.noise_levels, "occlusion": corruption.occlusion_levels}
-    params = {"n_images": corruption.n_images, **levels}
+    params = {"n_images": corruption.n_images, **levels, "device": device}
     with tracked_run(ctx, "corruption", params, "corruption") as run:
         set_torch_threads(threads)
         images = load_images(test.path, test_limit).images
         if corruption.n_images:
             images = images[: corruption.n_images]
         net = load_checkpoint(model.path)
-        table = corruption_curves(net, images, levels, seed, training.eval_batch_size)
+        table = corruption_curves(net, images, levels, seed, training.eval_batch_size, device)
         ref = write_table(table, layout.corruption, "corruption")
-        examples = []
-        for kind, kind_levels in levels.items():
-            corrupted, restored = corruption_examples(net, images[0], kind, kind_levels, seed)
-            for level, c, r in zip(kind_levels, corrupted, restored, strict=True):
-                examples.append(
-                    {
-                        "kind": kind,
-                        "level": level,
-                        "corrupted": c.reshape(-1),
-                        "restored": r.reshape(-1),
-                    }
-                )
-        write_table(pd.DataFrame(examples), layout.corruption_examples, "corruption_examples")
+        examples = examples_frame(net, images[0], levels, seed)
+        write_table(examples, layout.corruption_examples, "corruption_examples")
         for kind in levels:
             for i, row in enumerate(table[table.kind == kind].itertuples()):
                 run.log_metrics(
@@ -75,12 +64,14 @@ def map_embedding(
     embedding: EmbeddingConfig,
     seed: int,
     threads: int,
+    device: str = "cpu",
 ) -> TableRef:
     """Encode test images, map them to 2-D with t-SNE, measure how well the digits separate."""
     params = {
         "n_images": embedding.n_images,
         "perplexity": embedding.perplexity,
         "knn": embedding.knn,
+        "device": device,
     }
     with tracked_run(ctx, "embedding", params, "embedding") as run:
         set_torch_threads(threads)
@@ -91,6 +82,7 @@ def map_embedding(
             embedding.perplexity,
             embedding.knn,
             seed,
+            device,
         )
         ref = write_table(table, layout.embedding, "embedding")
         write_table(metrics_frame(metrics), layout.embedding_metrics, "metrics")

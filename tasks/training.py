@@ -67,6 +67,7 @@ def grid_fold(
     training: TrainingConfig,
     seed: int,
     threads: int,
+    device: str = "cpu",
 ) -> TableRef:
     """Train on every fold but ``fold`` and record the per-epoch validation loss."""
     label = f"grid lr={lr:g} wd={weight_decay:g} fold={fold}"
@@ -79,6 +80,7 @@ def grid_fold(
         "epochs": epochs,
         "batch_size": training.batch_size,
         "seed": seed,
+        "device": device,
     }
     with tracked_run(ctx, label, params, "grid") as run:
         maybe_fail("grid", lr=lr, weight_decay=weight_decay, fold=fold)
@@ -98,6 +100,7 @@ def grid_fold(
             on_epoch=_epoch_logger(run, label, "val_loss", epochs),
             checkpoint=checkpoint,
             resume_key=current_key(),
+            device=device,
         )
         ref = write_table(history, layout.grid_history(lr, weight_decay, fold), "grid_history")
         run.log_artifact(ref.path, "tables")
@@ -122,6 +125,7 @@ def _trained_at_size(
     training: TrainingConfig,
     seed: int,
     threads: int,
+    device: str,
 ) -> Iterator[tuple[TaskRun, Autoencoder, pd.DataFrame, ImageSet]]:
     """What the sweep and final stages share: a nested run, training at one size on the whole
     training set with the test loss each epoch, resumable from the task's checkpoint (removed
@@ -136,6 +140,7 @@ def _trained_at_size(
         "plateau_patience": plateau_patience,
         "batch_size": training.batch_size,
         "seed": seed,
+        "device": device,
     }
     with tracked_run(ctx, label, params, stage) as run:
         maybe_fail(stage, size=size)
@@ -157,6 +162,7 @@ def _trained_at_size(
             on_epoch=_epoch_logger(run, label, "test_loss", epochs),
             checkpoint=checkpoint,
             resume_key=current_key(),
+            device=device,
         )
         yield run, model, history, test_set
         checkpoint.unlink(missing_ok=True)
@@ -183,6 +189,7 @@ def sweep_size(
     training: TrainingConfig,
     seed: int,
     threads: int,
+    device: str = "cpu",
 ) -> TableRef:
     """Train at one encoding size on the whole training set, test loss each epoch."""
     with _trained_at_size(
@@ -201,6 +208,7 @@ def sweep_size(
         training,
         seed,
         threads,
+        device,
     ) as (run, _, history, _):
         ref = write_table(history, layout.sweep_history(size), "sweep_history")
         run.log_artifact(ref.path, "tables")
@@ -228,6 +236,7 @@ def final_model(
     training: TrainingConfig,
     seed: int,
     threads: int,
+    device: str = "cpu",
 ) -> TableRef:
     """Train the final model; save its checkpoint; log and register it in MLflow.
 
@@ -248,8 +257,9 @@ def final_model(
         training,
         seed,
         threads,
+        device,
     ) as (run, model, history, test_set):
-        test_mse = evaluate(model, test_set.images, training.eval_batch_size)
+        test_mse = evaluate(model, test_set.images, training.eval_batch_size, device)
         write_table(history, layout.final_history, "sweep_history")
         metrics = {"test_mse": test_mse, "size": size, "lr": lr, "weight_decay": weight_decay}
         write_table(metrics_frame(metrics), layout.final_metrics, "metrics")

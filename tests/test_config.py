@@ -101,6 +101,8 @@ def test_missing_user_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
         ({"grid": {"learning_rates": ["fast"]}}, "grid.learning_rates[0]"),
         ({"grid": 3}, "grid"),
         ({"seed": "zero"}, "seed"),
+        ({"runtime": {"device": "tpu"}}, "runtime.device"),
+        ({"runtime": {"gpu_concurrency": 0}}, "runtime.gpu_concurrency"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
