@@ -321,3 +321,14 @@ def make_folds(idx: np.ndarray, labels: np.ndarray, k: int, seed: int) -> pd.Dat
     for f, (_, val) in enumerate(splitter.split(np.zeros(len(idx)), labels)):
         fold[val] = f
     return pd.DataFrame({"idx": idx.astype(np.int32), "fold": fold})
+
+
+def holdout_mask(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """A seeded, stratified choice of ``n`` images to hold out for validation (True)."""
+    from sklearn.model_selection import train_test_split
+
+    positions = np.arange(len(labels))
+    _, held = train_test_split(positions, test_size=n, stratify=labels, random_state=seed)
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return mask

@@ -84,6 +84,11 @@ def sweep_labels(config: StudyConfig) -> list[tuple[str, int]]:
     return [(f"sweep size={size}", size) for size in config.sweep.sizes]
 
 
+def final_size(config: StudyConfig, best_size: int) -> int:
+    """The final model's encoding size: final.size when set, else the sweep's best."""
+    return config.final.size or best_size
+
+
 def final_label(size: int) -> str:
     return f"final size={size}"
 
@@ -147,6 +152,8 @@ def sweep_inputs(
         "weight_decay": weight_decay,
         "epochs": config.sweep.epochs,
         "plateau_patience": config.sweep.plateau_patience,
+        "selection": config.sweep.selection,
+        "validation_images": config.sweep.validation_images,
         "training": config.training,
         "seed": config.seed,
         **on_device(config),

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from aemnist.reference import SEED_FINAL_SIZE, SEED_FINAL_TEST_MSE, SEED_TABLE2  # noqa: E402
 from aemnist.schemas import atomic_write_bytes  # noqa: E402
+from aemnist.summaries import score_column  # noqa: E402
 
 DPI = 120
 IMAGE_SHAPE = (28, 28)
@@ -31,7 +32,18 @@ OURS_COLOUR = "tab:blue"
 SEED_COLOUR = "tab:gray"
 TRAIN_COLOUR = "tab:blue"
 TEST_COLOUR = "tab:orange"
-CORRUPTION_LABELS = {"noise": "noise level α (x + α·N(0, 1))", "occlusion": "occluded fraction"}
+CORRUPTION_LABELS = {
+    "noise": "noise level α (x + α·N(0, 1))",
+    "occlusion": "occluded fraction",
+    "patch": "occluded fraction",
+}
+# Each kind's name in a legend, and its colour (the baseline is the same colour, dashed).
+CORRUPTION_NAMES = {
+    "noise": "Gaussian noise",
+    "occlusion": "random pixels",
+    "patch": "square patch",
+}
+CORRUPTION_COLOURS = {"noise": "tab:blue", "occlusion": "tab:blue", "patch": "tab:red"}
 
 
 def digit_colour(digit: int) -> tuple[float, float, float]:
@@ -68,19 +80,20 @@ def _save(fig: Figure, out: Path) -> Path:
 def plot_size_sweep(sweep_summary_df: pd.DataFrame, out: Path) -> Path:
     """Figure 1a: test loss (Table 2 score) against encoding size, ours and the seed's."""
     ours = sweep_summary_df.sort_values("size")
+    score = score_column(ours)
     seed_sizes = sorted(SEED_TABLE2)
     seed_loss = [SEED_TABLE2[s] for s in seed_sizes]
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    _loss_scale(ax, list(ours["test_loss"]) + seed_loss)
+    _loss_scale(ax, list(ours[score]) + seed_loss)
     ours_line = ax.errorbar(
         ours["size"],
-        ours["test_loss"],
-        yerr=ours["test_loss_std"],
+        ours[score],
+        yerr=ours[f"{score}_std"],
         color=OURS_COLOUR,
         marker="o",
         capsize=3,
-        label="ours",
+        label="ours (test set)" if score == "test_loss" else "ours (held-out validation)",
     )
     (seed_line,) = ax.plot(
         seed_sizes,
@@ -92,8 +105,8 @@ def plot_size_sweep(sweep_summary_df: pd.DataFrame, out: Path) -> Path:
     )
     ax.set_xticks(sorted(set(seed_sizes) | set(ours["size"].astype(int))))
     ax.set_xlabel("encoding size")
-    ax.set_ylabel("test loss (MSE, mean of last epochs)")
-    ax.set_title("Test loss against encoding size")
+    ax.set_ylabel("loss (MSE, mean of the last epochs)")
+    ax.set_title("Loss against encoding size")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(handles=[ours_line, seed_line])
     return _save(fig, out)
@@ -111,13 +124,15 @@ def plot_training_curves(final_history_df: pd.DataFrame, out: Path) -> Path:
     """Figure 1b: train and test loss against epoch for the final model."""
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
-    _loss_scale(ax, list(final_history_df["train_loss"]) + list(final_history_df["test_loss"]))
+    score = score_column(final_history_df)
+    scored = "test" if score == "test_loss" else "validation (held out)"
+    _loss_scale(ax, list(final_history_df["train_loss"]) + list(final_history_df[score]))
     groups = list(final_history_df.groupby("size"))
     for size, h in groups:
         h = h.sort_values("epoch")
         suffix = f" (size {int(size)})" if len(groups) > 1 else ""
         ax.plot(h["epoch"], h["train_loss"], color=TRAIN_COLOUR, marker=".", label="train" + suffix)
-        ax.plot(h["epoch"], h["test_loss"], color=TEST_COLOUR, marker=".", label="test" + suffix)
+        ax.plot(h["epoch"], h[score], color=TEST_COLOUR, marker=".", label=scored + suffix)
         for i, epoch in enumerate(_lr_drops(h)):
             ax.axvline(
                 epoch,
@@ -141,29 +156,38 @@ def plot_training_curves(final_history_df: pd.DataFrame, out: Path) -> Path:
     return _save(fig, out)
 
 
-def _corruption_curve(ax: Axes, curve: pd.DataFrame, kind: str) -> None:
-    curve = curve.sort_values("level")
-    log = _loss_scale(ax, list(curve["mse"]) + list(curve["baseline_mse"]))
-    ax.plot(
-        curve["level"],
-        _positive(curve["mse"], log),
-        marker="o",
-        color=OURS_COLOUR,
-        label="reconstruction MSE (vs clean)",
-    )
-    ax.plot(
-        curve["level"],
-        _positive(curve["baseline_mse"], log),
-        marker="s",
-        linestyle="--",
-        color=SEED_COLOUR,
-        label="baseline: corrupted input MSE",
-    )
-    ax.set_xlabel(CORRUPTION_LABELS.get(kind, f"{kind} level"))
-    ax.set_ylabel("MSE against the clean image")
-    ax.set_title(f"Reconstruction under {kind}")
+def _corruption_curves(ax: Axes, curves: pd.DataFrame, kinds: Sequence[str]) -> None:
+    """Reconstruction and baseline MSE against level for each kind, 95 % intervals shaded."""
+    log = _loss_scale(ax, list(curves["mse"]) + list(curves["baseline_mse"]))
+    several = len(kinds) > 1
+    for kind in kinds:
+        curve = curves[curves["kind"] == kind].sort_values("level")
+        colour = CORRUPTION_COLOURS.get(kind, OURS_COLOUR)
+        name = f" ({CORRUPTION_NAMES.get(kind, kind)})" if several else ""
+        for column, marker, style, label, base_colour in (
+            ("mse", "o", "-", "reconstruction MSE (vs clean)", colour),
+            ("baseline_mse", "s", "--", "baseline: corrupted input MSE", SEED_COLOUR),
+        ):
+            line_colour = colour if several else base_colour
+            mean = _positive(curve[column], log)
+            ax.plot(
+                curve["level"],
+                mean,
+                marker=marker,
+                linestyle=style,
+                color=line_colour,
+                label=label + name,
+            )
+            half = curve[f"{column}_ci95"].to_numpy(dtype=float)
+            ax.fill_between(
+                curve["level"], mean - half, mean + half, color=line_colour, alpha=0.2, lw=0
+            )
+    ax.set_xlabel(CORRUPTION_LABELS.get(kinds[0], f"{kinds[0]} level"))
+    ax.set_ylabel("MSE against the clean image (95 % interval shaded)")
+    title = " and ".join(CORRUPTION_NAMES.get(k, k) for k in kinds)
+    ax.set_title(f"Reconstruction under {title.lower()}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
 
 
 def _image(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -183,7 +207,7 @@ def example_montage(examples: pd.DataFrame, gap: int = 3) -> np.ndarray:
     return montage
 
 
-def _example_grid(ax: Axes, examples: pd.DataFrame) -> None:
+def _example_grid(ax: Axes, examples: pd.DataFrame, title: str | None = None) -> None:
     examples = examples.sort_values("level")
     h, w = IMAGE_SHAPE
     gap = 3
@@ -195,28 +219,38 @@ def _example_grid(ax: Axes, examples: pd.DataFrame) -> None:
     ax.set_yticks([h / 2 - 0.5, h + gap + h / 2 - 0.5])
     ax.set_yticklabels(["corrupted", "reconstructed"], fontsize=9)
     ax.tick_params(length=0)
+    if title:
+        ax.set_ylabel(title, fontsize=9)
     for spine in ax.spines.values():
         spine.set_visible(False)
 
 
 def plot_corruption(
-    corruption_df: pd.DataFrame, examples_df: pd.DataFrame, kind: str, out: Path
+    corruption_df: pd.DataFrame,
+    examples_df: pd.DataFrame,
+    kinds: str | Sequence[str],
+    out: Path,
 ) -> Path:
-    """Figures 2 (noise) and 3 (occlusion): MSE and baseline against level (top), and one
-    example image corrupted at each level (row 1) with its reconstruction (row 2)."""
-    curve = corruption_df[corruption_df["kind"] == kind]
-    if curve.empty:
-        raise ValueError(f"the corruption table has no rows of kind {kind!r}")
-    examples = examples_df[examples_df["kind"] == kind]
-    n = len(examples)
+    """Figures 2 (noise) and 3 (occlusion: random pixels and a square patch): MSE and
+    baseline against level with 95 % intervals (top), and one example image corrupted at
+    each level with its reconstruction, for each kind (below)."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    curves = corruption_df[corruption_df["kind"].isin(kinds)]
+    for kind in kinds:
+        if (curves["kind"] == kind).sum() == 0:
+            raise ValueError(f"the corruption table has no rows of kind {kind!r}")
+    grids = [examples_df[examples_df["kind"] == k] for k in kinds]
+    grids = [(k, g) for k, g in zip(kinds, grids, strict=True) if len(g)]
+    n = max((len(g) for _, g in grids), default=0)
     width = max(6.4, 0.95 * n + 1.4)
     cell = min(1.2, (width - 1.4) / max(n, 1))  # inches per example image
-    heights = [4.0, 2 * cell + 0.35] if n else [4.0]
+    heights = [4.0] + [2 * cell + 0.35] * len(grids)
     fig = Figure(figsize=(width, sum(heights)), layout="constrained")
     spec = fig.add_gridspec(len(heights), 1, height_ratios=heights)
-    _corruption_curve(fig.add_subplot(spec[0]), curve, kind)
-    if n:
-        _example_grid(fig.add_subplot(spec[1]), examples)
+    _corruption_curves(fig.add_subplot(spec[0]), curves, kinds)
+    for row, (kind, grid) in enumerate(grids, start=1):
+        title = CORRUPTION_NAMES.get(kind, kind) if len(grids) > 1 else None
+        _example_grid(fig.add_subplot(spec[row]), grid, title)
     return _save(fig, out)
 
 

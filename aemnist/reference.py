@@ -82,3 +82,74 @@ def seed_table2_frame() -> pd.DataFrame:
     """Table 2: columns size, test_loss, sorted by size."""
     sizes = sorted(SEED_TABLE2)
     return pd.DataFrame({"size": sizes, "test_loss": [SEED_TABLE2[s] for s in sizes]})
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the paper profile's fidelity targets, checked against our tables."""
+
+    name: str
+    ours: str
+    met: bool
+
+
+def _within(ours: float | None, seed: float, tolerance: float) -> bool:
+    return ours is not None and abs(ours / seed - 1.0) <= tolerance
+
+
+def paper_targets(
+    best_lr: float,
+    best_weight_decay: float,
+    best_val_loss: float,
+    size_losses: dict[int, float],
+    final_test_mse: float,
+) -> list[Target]:
+    """The targets a paper-profile run must meet to reproduce the seed's answers (issue 6):
+    the optimiser settings, the validation loss, the order of the sizes, two sizes' test
+    losses and the final test MSE."""
+    top3 = [(row.lr, row.weight_decay) for row in SEED_TABLE1[:3]]
+    in_top3 = any(same_value(best_lr, lr) and same_value(best_weight_decay, wd) for lr, wd in top3)
+
+    def ahead(first: tuple[int, ...], then: tuple[int, ...]) -> tuple[bool, str]:
+        if not all(s in size_losses for s in first + then):
+            return False, "sizes missing from the sweep"
+        worst_first = max(first, key=size_losses.__getitem__)
+        best_then = min(then, key=size_losses.__getitem__)
+        met = size_losses[worst_first] < size_losses[best_then]
+        return met, (
+            f"worst of {list(first)}: size {worst_first} ({size_losses[worst_first]:.6f}); "
+            f"best of {list(then)}: size {best_then} ({size_losses[best_then]:.6f})"
+        )
+
+    upper_met, upper_text = ahead((20, 15, 25, 30), (12,))
+    twelve_met, twelve_text = ahead((12,), (8, 10, 6, 4, 2))
+    loss2, loss20 = size_losses.get(2), size_losses.get(20)
+    return [
+        Target(
+            "best (lr, weight decay) among the seed's top 3 of Table 1",
+            f"lr {best_lr:g}, weight decay {best_weight_decay:g}",
+            in_top3,
+        ),
+        Target(
+            f"best validation MSE within 10 % of the seed's {SEED_TABLE1[0].val_loss}",
+            f"{best_val_loss:.6f} ({best_val_loss / SEED_TABLE1[0].val_loss:.3f} x seed)",
+            _within(best_val_loss, SEED_TABLE1[0].val_loss, 0.10),
+        ),
+        Target("sizes 20, 15, 25 and 30 rank ahead of 12", upper_text, upper_met),
+        Target("size 12 ranks ahead of 8, 10, 6, 4 and 2", twelve_text, twelve_met),
+        Target(
+            f"test loss at size 2 within 15 % of the seed's {SEED_TABLE2[2]}",
+            "—" if loss2 is None else f"{loss2:.6f} ({loss2 / SEED_TABLE2[2]:.3f} x seed)",
+            _within(loss2, SEED_TABLE2[2], 0.15),
+        ),
+        Target(
+            f"test loss at size 20 within 15 % of the seed's {SEED_TABLE2[20]}",
+            "—" if loss20 is None else f"{loss20:.6f} ({loss20 / SEED_TABLE2[20]:.3f} x seed)",
+            _within(loss20, SEED_TABLE2[20], 0.15),
+        ),
+        Target(
+            "final test MSE at most 0.0095 (seed: 0.0086)",
+            f"{final_test_mse:.6f}",
+            final_test_mse <= 0.0095,
+        ),
+    ]

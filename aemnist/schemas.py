@@ -59,7 +59,10 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("epoch", pa.int32()),
             ("lr", pa.float64()),
             ("train_loss", pa.float64()),
+            # The loss the scheduler and the ranking used: on the test set (the seed's
+            # selection) or on images held out of the training set; the other is null.
             ("test_loss", pa.float64()),
+            ("val_loss", pa.float64()),
         ]
     ),
     "sweep_summary": pa.schema(
@@ -68,6 +71,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("size", pa.int32()),
             ("test_loss", pa.float64()),
             ("test_loss_std", pa.float64()),
+            ("val_loss", pa.float64()),
+            ("val_loss_std", pa.float64()),
             ("train_loss", pa.float64()),
             ("epochs_scored", pa.int32()),
         ]
@@ -77,7 +82,9 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("kind", pa.string()),
             ("level", pa.float64()),
             ("mse", pa.float64()),
+            ("mse_ci95", pa.float64()),
             ("baseline_mse", pa.float64()),
+            ("baseline_mse_ci95", pa.float64()),
         ]
     ),
     "corruption_examples": pa.schema(

@@ -125,7 +125,8 @@ def study_status(
         inputs = plan.sweep_summary_inputs(config, layout, histories)
         if walk.task("sweep-summary", "sweep summary", inputs):
             summary = walk.ref("sweep-summary", inputs)
-            size = int(read_frame(summary.path, "sweep_summary").iloc[0]["size"])
+            best = int(read_frame(summary.path, "sweep_summary").iloc[0]["size"])
+            size = plan.final_size(config, best)
     else:
         walk.task("sweep-summary", "sweep summary", None)
 

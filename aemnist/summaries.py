@@ -26,20 +26,36 @@ def grid_summary(histories: pd.DataFrame) -> pd.DataFrame:
     return table.fillna({"train_loss_std": 0.0, "val_loss_std": 0.0})
 
 
+def score_column(frame: pd.DataFrame) -> str:
+    """The loss a sweep table was scored on: ``val_loss`` where it holds values (validation
+    selection), else ``test_loss`` (the seed's selection on the test set)."""
+    if "val_loss" in frame.columns and frame["val_loss"].notna().any():
+        return "val_loss"
+    return "test_loss"
+
+
+def _mean_std(values: pd.Series | None) -> tuple[float, float]:
+    """Mean and standard deviation of the values present (std 0 for one value; both NaN
+    for none)."""
+    values = pd.Series(dtype=float) if values is None else values.dropna()
+    if values.empty:
+        return float("nan"), float("nan")
+    return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
+
+
 def sweep_summary(histories: pd.DataFrame, score_last: int) -> pd.DataFrame:
-    """Table 2: per size, the mean test loss of the last ``score_last`` epochs, ranked."""
+    """Table 2: per size, the mean loss of the last ``score_last`` epochs (on the test set or
+    the held-out validation images, whichever the sweep was scored on), ranked."""
+    score = score_column(histories)
     rows = []
     for size, h in histories.groupby("size"):
         tail = h.sort_values("epoch").tail(score_last)
-        rows.append(
-            {
-                "size": int(size),
-                "test_loss": tail["test_loss"].mean(),
-                "test_loss_std": tail["test_loss"].std() if len(tail) > 1 else 0.0,
-                "train_loss": tail["train_loss"].mean(),
-                "epochs_scored": len(tail),
-            }
-        )
-    table = pd.DataFrame(rows).sort_values(["test_loss", "size"]).reset_index(drop=True)
+        row: dict[str, float | int] = {"size": int(size)}
+        for column in ("test_loss", "val_loss"):
+            row[column], row[f"{column}_std"] = _mean_std(tail.get(column))
+        row["train_loss"] = tail["train_loss"].mean()
+        row["epochs_scored"] = len(tail)
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values([score, "size"]).reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))
     return table

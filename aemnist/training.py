@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from aemnist.data import ImageSet
+from aemnist.data import ImageSet, holdout_mask
 from aemnist.model import Autoencoder, build_autoencoder
 from aemnist.runtime import prepare_device
 from aemnist.schemas import atomic_write_bytes
@@ -385,21 +385,30 @@ def train_size(
     batch_size: int,
     seed: int,
     stage: str = "sweep",
+    selection: str = "test",
+    validation_images: int = 10000,
     eval_batch_size: int = 2048,
     on_epoch: EpochCallback | None = None,
     checkpoint: Path | None = None,
     resume_key: str | None = None,
     device: str = "cpu",
 ) -> tuple[Autoencoder, pd.DataFrame]:
-    """Train at encoding ``size`` on the whole training set, scoring the test set each epoch.
+    """Train at encoding ``size``, scoring each epoch on the set ``selection`` names: the
+    test set, on the whole training set (the seed's way), or ``validation_images`` held out
+    of the training set (stratified, seeded), on the rest; the test set is then not seen.
 
     Returns the model and its per-epoch history (the sweep_history table)."""
     key = task_seed(seed, stage, size)
     model = build_autoencoder(size, key)
+    if selection == "validation":
+        held = torch.from_numpy(holdout_mask(train.labels, validation_images, seed))
+        fit_images, eval_images = train.images[~held], train.images[held]
+    else:
+        fit_images, eval_images = train.images, test.images
     history = fit(
         model,
-        train.images,
-        test.images,
+        fit_images,
+        eval_images,
         lr=lr,
         weight_decay=weight_decay,
         epochs=epochs,
@@ -413,13 +422,16 @@ def train_size(
         device=device,
     )
     model.eval()
+    scores = [h.eval_loss for h in history]
+    unscored = [float("nan")] * len(history)
     frame = pd.DataFrame(
         {
             "size": size,
             "epoch": [h.epoch for h in history],
             "lr": [h.lr for h in history],
             "train_loss": [h.train_loss for h in history],
-            "test_loss": [h.eval_loss for h in history],
+            "test_loss": scores if selection == "test" else unscored,
+            "val_loss": scores if selection == "validation" else unscored,
         }
     )
     return model, frame

@@ -41,8 +41,9 @@ import torch
 from common import machine, mirror, mnist, result
 
 import aemnist.training
+from aemnist import plan
 from aemnist.config import StudyConfig, load_config, run_overrides, save_config
-from aemnist.corruption import corruption_curves, examples_frame
+from aemnist.corruption import corruption_curves, examples_frame, levels_of
 from aemnist.data import ImageSet, download_mnist, load_images, make_folds
 from aemnist.embedding import embed
 from aemnist.layout import Layout
@@ -225,6 +226,7 @@ class PaperRun:
                 model, history = train_size(
                     train, test, size=size, lr=lr, weight_decay=wd, epochs=epochs,
                     plateau_patience=c.sweep.plateau_patience,
+                    selection=c.sweep.selection, validation_images=c.sweep.validation_images,
                     batch_size=c.training.batch_size, seed=c.seed, stage=stage,
                     eval_batch_size=c.training.eval_batch_size, device=device,
                 )  # fmt: skip
@@ -241,8 +243,9 @@ class PaperRun:
         frames = [read_frame(layout.sweep_history(s), "sweep_history") for s in c.sweep.sizes]
         table2 = sweep_summary(pd.concat(frames, ignore_index=True), c.sweep.score_last)
         write_table(table2, layout.sweep_summary, "sweep_summary")
-        size = int(table2.iloc[0]["size"])
-        print(f"Table 2: best size {size}, test loss {table2.iloc[0].test_loss:.6f}")
+        best = int(table2.iloc[0]["size"])
+        print(f"Table 2: best size {best}")
+        size = plan.final_size(c, best)
         # As the flow: the final task alone gets every core (the CPU's sums depend on it).
         torch.set_num_threads(cpu_count())
         self.stage("final", [size_task(size, "final", layout.final_history, c.final.epochs)])
@@ -273,14 +276,18 @@ def evaluations(layout: Layout, test: ImageSet, c: StudyConfig, device: str, kin
     net = load_checkpoint(layout.final_model)
     if kind == "corruption" and not layout.corruption.exists():
         images = test.images[: c.corruption.n_images] if c.corruption.n_images else test.images
-        levels = {"noise": c.corruption.noise_levels, "occlusion": c.corruption.occlusion_levels}
-        table = corruption_curves(net, images, levels, c.seed, c.training.eval_batch_size, device)
-        examples = examples_frame(net, images[0], levels, c.seed)
+        levels, clip = levels_of(c.corruption), c.corruption.clip
+        table = corruption_curves(
+            net, images, levels, c.seed, c.training.eval_batch_size, device, clip
+        )
+        examples = examples_frame(net, images[0], levels, c.seed, clip)
         write_table(examples, layout.corruption_examples, "corruption_examples")
         write_table(table, layout.corruption, "corruption")
     if kind == "embedding" and not layout.embedding.exists():
         e = c.embedding
-        table, metrics = embed(net, test, e.n_images, e.perplexity, e.knn, c.seed, device)
+        table, metrics = embed(
+            net, test, e.n_images, e.perplexity, e.knn, e.seed_for(c.seed), device
+        )
         write_table(metrics_frame(metrics), layout.embedding_metrics, "metrics")
         write_table(table, layout.embedding, "embedding")
 

@@ -152,13 +152,14 @@ def study(
             for label, size in plan.sweep_labels(config)
         }
         histories = collect(ctx, sweep, "sweep")
-        sweep_table, size = run_one(
+        sweep_table, best_size = run_one(
             summarise_sweep,
             "sweep-summary",
             plan.sweep_summary_inputs(config, layout, histories),
             "sweep summary",
         )
 
+        size = plan.final_size(config, best_size)
         final_inputs = plan.final_inputs(config, layout, train, test, size, lr, wd)
         model = run_one(
             final_model, "final", final_inputs, plan.final_label(size), threads=cpu_count()

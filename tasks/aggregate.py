@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 
 from aemnist.layout import Layout
 from aemnist.schemas import TableRef, read_frame, write_table
-from aemnist.summaries import grid_summary, sweep_summary
+from aemnist.summaries import grid_summary, score_column, sweep_summary
 from aemnist.tracking import TrackingContext
 from tasks.caching import StageCache
 from tasks.common import tracked_run
@@ -46,10 +46,11 @@ def summarise_sweep(
         frames = [read_frame(ref.path, "sweep_history") for ref in histories]
         table = sweep_summary(pd.concat(frames, ignore_index=True), score_last)
         ref = write_table(table, layout.sweep_summary, "sweep_summary")
+        score = score_column(table)
         for row in table.itertuples():
-            run.log_metrics({"test_loss": row.test_loss}, step=int(row.size))
+            run.log_metrics({score: getattr(row, score)}, step=int(row.size))
         best = table.iloc[0]
         run.set_tags({"best_size": str(int(best["size"]))})
         run.log_artifact(ref.path, "tables")
-    get_run_logger().info("Table 2: best size %d, test loss %.6f", best["size"], best.test_loss)
+    get_run_logger().info("Table 2: best size %d, %s %.6f", best["size"], score, best[score])
     return ref.with_run(run.run_id), int(best["size"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from aemnist.config import CorruptionConfig, EmbeddingConfig, TrainingConfig
-from aemnist.corruption import corruption_curves, examples_frame
+from aemnist.corruption import corruption_curves, examples_frame, levels_of
 from aemnist.data import load_images
 from aemnist.embedding import embed
 from aemnist.layout import Layout
@@ -31,17 +31,19 @@ def evaluate_corruption(
     device: str = "cpu",
 ) -> TableRef:
     """Reconstruction MSE under Gaussian noise and occlusion, with the input's own MSE."""
-    levels = {"noise": corruption.noise_levels, "occlusion": corruption.occlusion_levels}
-    params = {"n_images": corruption.n_images, **levels, "device": device}
+    levels = levels_of(corruption)
+    params = {"n_images": corruption.n_images, "clip": corruption.clip, **levels, "device": device}
     with tracked_run(ctx, "corruption", params, "corruption") as run:
         set_torch_threads(threads)
         images = load_images(test.path, test_limit).images
         if corruption.n_images:
             images = images[: corruption.n_images]
         net = load_checkpoint(model.path)
-        table = corruption_curves(net, images, levels, seed, training.eval_batch_size, device)
+        table = corruption_curves(
+            net, images, levels, seed, training.eval_batch_size, device, corruption.clip
+        )
         ref = write_table(table, layout.corruption, "corruption")
-        examples = examples_frame(net, images[0], levels, seed)
+        examples = examples_frame(net, images[0], levels, seed, corruption.clip)
         write_table(examples, layout.corruption_examples, "corruption_examples")
         for kind in levels:
             for i, row in enumerate(table[table.kind == kind].itertuples()):
@@ -71,6 +73,7 @@ def map_embedding(
         "n_images": embedding.n_images,
         "perplexity": embedding.perplexity,
         "knn": embedding.knn,
+        "seed": embedding.seed_for(seed),
         "device": device,
     }
     with tracked_run(ctx, "embedding", params, "embedding") as run:
@@ -81,7 +84,7 @@ def map_embedding(
             embedding.n_images,
             embedding.perplexity,
             embedding.knn,
-            seed,
+            embedding.seed_for(seed),
             device,
         )
         ref = write_table(table, layout.embedding, "embedding")

@@ -9,7 +9,7 @@ from prefect.cache_policies import NO_CACHE
 from aemnist.config import StudyConfig, save_config
 from aemnist.data import ensure_writable
 from aemnist.layout import Layout
-from aemnist.report import build_report, report_figures
+from aemnist.report import build_report, load_tables, report_figures, seed_comparison
 from aemnist.schemas import TableRef, read_frame
 from aemnist.tracking import (
     TrackingContext,
@@ -83,9 +83,10 @@ def publish_results(ctx: TrackingContext, layout: Layout) -> None:
     artifacts = [(layout.report, None)] + [(fig, "figures") for fig in report_figures(layout)]
     artifacts += [(layout.grid_summary, "tables"), (layout.sweep_summary, "tables")]
     final = read_frame(layout.final_metrics, "metrics").set_index("metric")["value"]
-    log_to_parent(
-        ctx, metrics={f"final_{k}": float(v) for k, v in final.items()}, artifacts=artifacts
-    )
+    metrics = {f"final_{k}": float(v) for k, v in final.items()}
+    # Ours beside the seed's, with the ratios and the targets met: comparable across runs.
+    metrics |= seed_comparison(load_tables(layout))
+    log_to_parent(ctx, metrics=metrics, artifacts=artifacts)
     create_markdown_artifact(
         layout.report.read_text(), key="aemnist-report", description="Study report"
     )

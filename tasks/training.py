@@ -21,6 +21,9 @@ from aemnist.training import EpochResult, evaluate, train_fold, train_size
 from tasks.caching import StageCache, current_key
 from tasks.common import tracked_run
 
+# The MLflow metric of each epoch's scored loss, by the sweep's selection.
+SCORED_ON = {"test": "test_loss", "validation": "val_loss"}
+
 
 def _epoch_logger(
     run: TaskRun, label: str, eval_name: str, epochs: int
@@ -122,6 +125,8 @@ def _trained_at_size(
     weight_decay: float,
     epochs: int,
     plateau_patience: int,
+    selection: str,
+    validation_images: int,
     training: TrainingConfig,
     seed: int,
     threads: int,
@@ -138,6 +143,7 @@ def _trained_at_size(
         "weight_decay": weight_decay,
         "epochs": epochs,
         "plateau_patience": plateau_patience,
+        "selection": selection,
         "batch_size": training.batch_size,
         "seed": seed,
         "device": device,
@@ -158,8 +164,10 @@ def _trained_at_size(
             batch_size=training.batch_size,
             seed=seed,
             stage=stage,
+            selection=selection,
+            validation_images=validation_images,
             eval_batch_size=training.eval_batch_size,
-            on_epoch=_epoch_logger(run, label, "test_loss", epochs),
+            on_epoch=_epoch_logger(run, label, SCORED_ON[selection], epochs),
             checkpoint=checkpoint,
             resume_key=current_key(),
             device=device,
@@ -186,6 +194,8 @@ def sweep_size(
     weight_decay: float,
     epochs: int,
     plateau_patience: int,
+    selection: str,
+    validation_images: int,
     training: TrainingConfig,
     seed: int,
     threads: int,
@@ -205,6 +215,8 @@ def sweep_size(
         weight_decay,
         epochs,
         plateau_patience,
+        selection,
+        validation_images,
         training,
         seed,
         threads,
@@ -233,6 +245,8 @@ def final_model(
     weight_decay: float,
     epochs: int,
     plateau_patience: int,
+    selection: str,
+    validation_images: int,
     training: TrainingConfig,
     seed: int,
     threads: int,
@@ -254,6 +268,8 @@ def final_model(
         weight_decay,
         epochs,
         plateau_patience,
+        selection,
+        validation_images,
         training,
         seed,
         threads,

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from aemnist.corruption import KINDS, corrupt, corruption_curves, corruption_examples, occlude
+from aemnist.corruption import (
+    KINDS,
+    Z95,
+    corrupt,
+    corruption_curves,
+    corruption_examples,
+    occlude,
+    occlude_patch,
+)
 from aemnist.data import ImageSet, load_images
 from aemnist.model import Autoencoder, build_autoencoder
 from aemnist.schemas import SCHEMAS, TableRef, read_table, write_table
@@ -72,6 +80,50 @@ def test_occlusion_only_zeroes_pixels_and_varies_between_images(clean_images: to
     assert (out[changed] == 0).all()
     masks = (out == 0) & (images != 0)
     assert not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize(("fraction", "side"), [(0.1, 9), (0.25, 14), (0.5, 20), (1.0, 28)])
+def test_patch_zeroes_one_square_covering_the_fraction_at_a_place_drawn_per_image(
+    fraction: float, side: int
+) -> None:
+    images = torch.ones(20, 1, 28, 28)
+
+    out = occlude_patch(images, fraction, gen())
+
+    zeros = out[:, 0] == 0
+    assert zeros.reshape(20, -1).sum(dim=1).tolist() == [side * side] * 20
+    for mask in zeros:  # one solid square: its bounding box is all zeros
+        rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+        assert len(rows) == side and len(cols) == side
+        assert mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+    if side < 28:
+        assert len({tuple(m.nonzero()[0].tolist()) for m in zeros}) > 1
+
+
+def test_noise_is_clipped_to_the_pixel_range_only_when_asked(clean_images: torch.Tensor) -> None:
+    raw = corrupt(clean_images, "noise", 0.5, gen())
+    clipped = corrupt(clean_images, "noise", 0.5, gen(), clip=True)
+
+    assert raw.min() < 0 and raw.max() > 1
+    assert clipped.min() == 0 and clipped.max() == 1
+    assert torch.equal(clipped, raw.clamp(0, 1))
+
+
+def test_intervals_are_1_96_standard_errors_of_the_per_image_mse(
+    clean_images: torch.Tensor,
+) -> None:
+    model = build_autoencoder(4, seed=0)
+    images = clean_images[:200]
+
+    table = corruption_curves(model, images, {"occlusion": (0.5,)}, seed=0, batch_size=64)
+
+    occluded = corrupt(images, "occlusion", 0.5, gen(0))
+    with torch.no_grad():
+        per_image = ((model(occluded) - images) ** 2).flatten(1).double().mean(dim=1)
+    row = table.iloc[0]
+    assert row["mse"] == pytest.approx(per_image.mean().item(), rel=1e-9)
+    assert row["mse_ci95"] == pytest.approx(Z95 * per_image.std().item() / 200**0.5, rel=1e-6)
+    assert 0 < row["baseline_mse_ci95"] < row["baseline_mse"]
 
 
 def test_noise_adds_gaussian_noise_of_the_given_scale(clean_images: torch.Tensor) -> None:
@@ -143,6 +195,7 @@ def test_corruption_table_has_the_corruption_schema(
     back = read_table(ref.path, "corruption")
     assert back.schema.remove_metadata().equals(SCHEMAS["corruption"])
     assert back.num_rows == 5
+    assert all(v > 0 for v in back.column("mse_ci95").to_pylist())
     assert back.column("kind").to_pylist() == ["noise"] * 2 + ["occlusion"] * 3
     assert back.column("level").to_pylist() == [0.0, 0.5, 0.0, 0.3, 0.6]
 

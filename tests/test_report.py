@@ -6,6 +6,8 @@ report is built once per module (rendering five figures takes about a second).
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from datetime import date
 from pathlib import Path
 
@@ -17,7 +19,15 @@ from aemnist import reference
 from aemnist.config import StudyConfig, load_config, save_config
 from aemnist.layout import Layout
 from aemnist.plots import digit_colour, example_montage, spans_decades
-from aemnist.report import FIGURES, build_report, load_tables, render_report, report_figures
+from aemnist.reference import paper_targets
+from aemnist.report import (
+    FIGURES,
+    build_report,
+    load_tables,
+    render_report,
+    report_figures,
+    seed_comparison,
+)
 from aemnist.schemas import N_PIXELS, TableError, read_frame, write_table
 from aemnist.summaries import grid_summary, sweep_summary
 
@@ -61,6 +71,7 @@ def _sweep_history(sizes: tuple[int, ...], epochs: int = 3) -> pd.DataFrame:
                     "lr": 0.005 if epoch < 3 else 0.0025,
                     "train_loss": loss * 0.95,
                     "test_loss": loss,
+                    "val_loss": float("nan"),
                 }
             )
     return pd.DataFrame(rows)
@@ -68,7 +79,7 @@ def _sweep_history(sizes: tuple[int, ...], epochs: int = 3) -> pd.DataFrame:
 
 def _corruption() -> pd.DataFrame:
     rows = []
-    for kind in ("noise", "occlusion"):
+    for kind in ("noise", "occlusion", "patch"):
         for level in LEVELS:
             baseline = level**2 if kind == "noise" else 0.1 * level
             rows.append(
@@ -76,7 +87,9 @@ def _corruption() -> pd.DataFrame:
                     "kind": kind,
                     "level": level,
                     "mse": 0.012 + 0.05 * level,
+                    "mse_ci95": 0.001,
                     "baseline_mse": baseline,
+                    "baseline_mse_ci95": 0.002 * level,
                 }
             )
     return pd.DataFrame(rows)
@@ -90,7 +103,7 @@ def _examples(rng: np.random.Generator) -> pd.DataFrame:
             "corrupted": rng.random(N_PIXELS, dtype=np.float32),
             "restored": rng.random(N_PIXELS, dtype=np.float32),
         }
-        for kind in ("noise", "occlusion")
+        for kind in ("noise", "occlusion", "patch")
         for level in LEVELS
     ]
     return pd.DataFrame(rows)
@@ -228,8 +241,11 @@ def test_report_links_every_figure_relative_to_the_report(study):
 
 def test_report_has_corruption_and_embedding_tables(study):
     _, _, text = study
-    assert "| kind | level | mse | baseline |" in text
-    assert "| noise | 1 | 0.062000 | 1.000000 |" in text
+    assert "| kind | level | reconstruction MSE | baseline MSE |" in text
+    assert "| noise | 1 | 0.062000 ± 0.001000 | 1.000000 ± 0.002000 |" in text
+    assert "| patch | 0.5 | 0.037000 ± 0.001000 | 0.050000 ± 0.001000 |" in text
+    assert "- **patch**: a square patch" in text
+    assert "Clipping of noisy pixels: off, as in the seed." in text
     assert "| knn_accuracy_tsne | 0.9300 |" in text
 
 
@@ -316,3 +332,83 @@ def test_example_montage_puts_corrupted_above_restored_one_column_per_level():
     np.testing.assert_allclose(montage[:28, :28].ravel(), first["corrupted"])
     np.testing.assert_allclose(montage[31:, :28].ravel(), first["restored"])
     assert np.isnan(montage[28:31]).all()  # the gap between the rows
+
+
+SEED_LIKE_SIZES = {
+    2: 0.0446, 4: 0.0271, 6: 0.0205, 8: 0.0171, 10: 0.0187,
+    12: 0.0127, 15: 0.0101, 20: 0.0093, 25: 0.0101, 30: 0.0111,
+}  # fmt: skip
+
+
+def test_the_seeds_own_answers_meet_every_paper_target():
+    targets = paper_targets(0.01, 5e-6, 0.022443, SEED_LIKE_SIZES, 0.0086)
+
+    assert [t.met for t in targets] == [True] * 7, [t for t in targets if not t.met]
+
+
+@pytest.mark.parametrize(
+    ("change", "missed"),
+    [
+        ({"lr": 0.001}, "best (lr, weight decay) among the seed's top 3 of Table 1"),
+        ({"val": 0.0250}, "best validation MSE within 10 % of the seed's 0.022443"),
+        ({"sizes": {15: 0.0130}}, "sizes 20, 15, 25 and 30 rank ahead of 12"),
+        ({"sizes": {10: 0.0120}}, "size 12 ranks ahead of 8, 10, 6, 4 and 2"),
+        ({"sizes": {2: 0.0370}}, "test loss at size 2 within 15 % of the seed's 0.044586"),
+        ({"sizes": {20: 0.0073}}, "test loss at size 20 within 15 % of the seed's 0.009258"),
+        ({"final": 0.0096}, "final test MSE at most 0.0095 (seed: 0.0086)"),
+    ],
+)
+def test_each_paper_target_is_missed_by_its_own_departure_alone(change, missed):
+    sizes = {**SEED_LIKE_SIZES, **change.get("sizes", {})}
+
+    targets = paper_targets(
+        change.get("lr", 0.01),
+        5e-6,
+        change.get("val", 0.022443),
+        sizes,
+        change.get("final", 0.0086),
+    )
+
+    assert [t.name for t in targets if not t.met] == [missed]
+
+
+def test_report_states_each_target_and_the_count_met(study):
+    _, _, text = study
+
+    section = text.split("## Targets")[1].split("\n## ")[0]
+    assert "checked here on the smoke profile" in section
+    assert section.count("| met |") + section.count("| **missed** |") == 7
+    assert re.search(r"\*\*\d of 7 targets met\.\*\*", section)
+
+
+def test_parent_run_comparison_has_ours_seed_and_ratio_for_every_seed_figure(study):
+    layout, _, _ = study
+
+    metrics = seed_comparison(load_tables(layout))
+
+    for size in (2, 4, 8, 30):
+        assert f"seed.table2.size{size:02d}.test_loss" in metrics
+    assert metrics["ours.table2.size08.test_loss"] / metrics[
+        "seed.table2.size08.test_loss"
+    ] == pytest.approx(metrics["ratio.table2.size08.test_loss"])
+    assert "ours.table2.size30.test_loss" not in metrics  # the smoke sweep has no size 30
+    assert len([k for k in metrics if k.startswith("seed.table1.")]) == 5
+    assert metrics["ours.final.test_mse"] == 0.0123
+    assert metrics["ratio.final.test_mse"] == pytest.approx(0.0123 / 0.0086)
+    assert metrics["targets_total"] == 7
+
+
+def test_report_says_the_sizes_were_chosen_on_held_out_images_in_validation_mode(tmp_path):
+    layout, config = write_study(tmp_path)
+    config = dataclasses.replace(
+        config, sweep=dataclasses.replace(config.sweep, selection="validation")
+    )
+    history = _sweep_history(SIZES)
+    history["val_loss"], history["test_loss"] = history["test_loss"], float("nan")
+    write_table(sweep_summary(history, score_last=2), layout.sweep_summary, "sweep_summary")
+
+    text = render_report(load_tables(layout), config, layout, TODAY)
+
+    assert "- sizes selected on: validation (10000 training images held out" in text
+    assert "| size | our rank | our validation loss | seed test loss | ours/seed |" in text
+    assert "the test set is kept for the final number only" in text
