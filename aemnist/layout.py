@@ -10,6 +10,12 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
+def _repeat(repeat: int) -> str:
+    """Repeat 0 keeps the single-seed names, so a study without repeats is laid out as
+    before."""
+    return f"_repeat={repeat}" if repeat else ""
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -41,8 +47,8 @@ class Layout:
     def grid_summary(self) -> Path:
         return self.root / "grid_summary.parquet"
 
-    def sweep_history(self, size: int) -> Path:
-        return self.root / "sweep" / f"size={size}.parquet"
+    def sweep_history(self, size: int, repeat: int = 0) -> Path:
+        return self.root / "sweep" / f"size={size}{_repeat(repeat)}.parquet"
 
     @property
     def sweep_summary(self) -> Path:
@@ -50,15 +56,25 @@ class Layout:
 
     @property
     def final_model(self) -> Path:
-        return self.root / "final" / "model.pt"
+        """The final model of repeat 0: the one the evaluation stages use."""
+        return self.final_model_of(0)
 
     @property
     def final_history(self) -> Path:
-        return self.root / "final" / "history.parquet"
+        return self.final_history_of(0)
 
     @property
     def final_metrics(self) -> Path:
-        return self.root / "final" / "metrics.parquet"
+        return self.final_metrics_of(0)
+
+    def final_model_of(self, repeat: int) -> Path:
+        return self.root / "final" / f"model{_repeat(repeat)}.pt"
+
+    def final_history_of(self, repeat: int) -> Path:
+        return self.root / "final" / f"history{_repeat(repeat)}.parquet"
+
+    def final_metrics_of(self, repeat: int) -> Path:
+        return self.root / "final" / f"metrics{_repeat(repeat)}.parquet"
 
     @property
     def corruption(self) -> Path:

@@ -64,11 +64,10 @@ def refreshed_stages(fresh: bool, refresh: list[str] | None) -> set[str]:
 
 def on_device(config: StudyConfig) -> dict[str, Any]:
     """The device as a key input of the stages that compute with torch: a result computed on
-    a GPU is not reused for a CPU run, nor the reverse (their last digits differ). CPU keys
-    carry no device field, so results stored before devices existed stay valid. ``config``
-    holds the resolved device (aemnist.runtime.with_resolved_device)."""
-    device = config.runtime.device
-    return {} if device == "cpu" else {"device": device}
+    a GPU is not reused for a CPU run, nor the reverse (their last digits differ). ``config``
+    holds the resolved device (aemnist.runtime.with_resolved_device). Always given, so the
+    key the flow computes equals the one the task computes from its bound parameters."""
+    return {"device": config.runtime.device}
 
 
 def grid_labels(config: StudyConfig) -> list[tuple[str, float, float, int]]:
@@ -80,17 +79,28 @@ def grid_labels(config: StudyConfig) -> list[tuple[str, float, float, int]]:
     ]
 
 
-def sweep_labels(config: StudyConfig) -> list[tuple[str, int]]:
-    return [(f"sweep size={size}", size) for size in config.sweep.sizes]
+def size_label(stage: str, size: int, repeat: int = 0) -> str:
+    """A sweep or final task's name; repeat 0 keeps the single-seed name."""
+    return f"{stage} size={size}" + (f" repeat={repeat}" if repeat else "")
+
+
+def sweep_labels(config: StudyConfig) -> list[tuple[str, int, int]]:
+    """(label, size, repeat) of every sweep task."""
+    return [
+        (size_label("sweep", size, repeat), size, repeat)
+        for size in config.sweep.sizes
+        for repeat in range(config.sweep.repeats)
+    ]
+
+
+def final_labels(config: StudyConfig, size: int) -> list[tuple[str, int]]:
+    """(label, repeat) of every final task: one per seed."""
+    return [(size_label("final", size, repeat), repeat) for repeat in range(config.sweep.repeats)]
 
 
 def final_size(config: StudyConfig, best_size: int) -> int:
     """The final model's encoding size: final.size when set, else the sweep's best."""
     return config.final.size or best_size
-
-
-def final_label(size: int) -> str:
-    return f"final size={size}"
 
 
 def folds_inputs(config: StudyConfig, layout: Layout, train: TableRef) -> dict[str, Any]:
@@ -140,11 +150,13 @@ def sweep_inputs(
     size: int,
     lr: float,
     weight_decay: float,
+    repeat: int = 0,
 ) -> dict[str, Any]:
     return {
         "layout": layout,
         "train": train,
         "test": test,
+        "repeat": repeat,
         "train_limit": config.data.train_limit,
         "test_limit": config.data.test_limit,
         "size": size,
@@ -174,8 +186,9 @@ def final_inputs(
     size: int,
     lr: float,
     weight_decay: float,
+    repeat: int = 0,
 ) -> dict[str, Any]:
-    inputs = sweep_inputs(config, layout, train, test, size, lr, weight_decay)
+    inputs = sweep_inputs(config, layout, train, test, size, lr, weight_decay, repeat)
     inputs["epochs"] = config.final.epochs
     return inputs
 
@@ -224,11 +237,16 @@ def outputs(stage: str, inputs: dict[str, Any]) -> list[Path]:
     if stage == "grid-summary":
         return [layout.grid_summary]
     if stage == "sweep":
-        return [layout.sweep_history(inputs["size"])]
+        return [layout.sweep_history(inputs["size"], inputs["repeat"])]
     if stage == "sweep-summary":
         return [layout.sweep_summary]
     if stage == "final":
-        return [layout.final_model, layout.final_history, layout.final_metrics]
+        repeat = inputs["repeat"]
+        return [
+            layout.final_model_of(repeat),
+            layout.final_history_of(repeat),
+            layout.final_metrics_of(repeat),
+        ]
     if stage == "corruption":
         return [layout.corruption, layout.corruption_examples]
     if stage == "embedding":

@@ -163,7 +163,7 @@ def _corruption_curves(ax: Axes, curves: pd.DataFrame, kinds: Sequence[str]) -> 
     for kind in kinds:
         curve = curves[curves["kind"] == kind].sort_values("level")
         colour = CORRUPTION_COLOURS.get(kind, OURS_COLOUR)
-        name = f" ({CORRUPTION_NAMES.get(kind, kind)})" if several else ""
+        name = f", {CORRUPTION_NAMES.get(kind, kind)}" if several else ""
         for column, marker, style, label, base_colour in (
             ("mse", "o", "-", "reconstruction MSE (vs clean)", colour),
             ("baseline_mse", "s", "--", "baseline: corrupted input MSE", SEED_COLOUR),

@@ -56,6 +56,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "sweep_history": pa.schema(
         [
             ("size", pa.int32()),
+            ("repeat", pa.int32()),  # which seed (0 = the study's own)
             ("epoch", pa.int32()),
             ("lr", pa.float64()),
             ("train_loss", pa.float64()),
@@ -75,6 +76,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("val_loss_std", pa.float64()),
             ("train_loss", pa.float64()),
             ("epochs_scored", pa.int32()),
+            ("repeats", pa.int32()),
         ]
     ),
     "corruption": pa.schema(

@@ -114,27 +114,33 @@ def study_status(
             pass
 
     histories = []
-    for label, size in plan.sweep_labels(config):
+    for label, size, repeat in plan.sweep_labels(config):
         inputs = (
-            plan.sweep_inputs(config, layout, train, test, size, lr, wd) if lr is not None else None
+            plan.sweep_inputs(config, layout, train, test, size, lr, wd, repeat)
+            if lr is not None
+            else None
         )
         if walk.task("sweep", label, inputs, config.sweep.epochs):
             histories.append(walk.ref("sweep", inputs))
     size = summary = None
-    if len(histories) == len(config.sweep.sizes):
+    if len(histories) == len(plan.sweep_labels(config)):
         inputs = plan.sweep_summary_inputs(config, layout, histories)
         if walk.task("sweep-summary", "sweep summary", inputs):
             summary = walk.ref("sweep-summary", inputs)
-            best = int(read_frame(summary.path, "sweep_summary").iloc[0]["size"])
-            size = plan.final_size(config, best)
+            best_size = int(read_frame(summary.path, "sweep_summary").iloc[0]["size"])
+            size = plan.final_size(config, best_size)
     else:
         walk.task("sweep-summary", "sweep summary", None)
 
     model = None
+    finals = []
     if size is not None:
-        inputs = plan.final_inputs(config, layout, train, test, size, lr, wd)
-        if walk.task("final", plan.final_label(size), inputs, config.final.epochs):
-            model = walk.ref("final", inputs)
+        for label, repeat in plan.final_labels(config, size):
+            inputs = plan.final_inputs(config, layout, train, test, size, lr, wd, repeat)
+            if walk.task("final", label, inputs, config.final.epochs):
+                finals.append(walk.ref("final", inputs))
+        if len(finals) == config.sweep.repeats:
+            model = finals[0]
     else:
         walk.task("final", "final", None)
 
@@ -147,7 +153,7 @@ def study_status(
         if walk.task(stage, stage, inputs):
             evaluations.append(walk.ref(stage, inputs))
     if model is not None and len(evaluations) == 2:
-        tables = [best, summary, model, *evaluations]
+        tables = [best, summary, *finals, *evaluations]
         walk.task("report", "report", plan.report_inputs(config, layout, tables))
     else:
         walk.task("report", "report", None)

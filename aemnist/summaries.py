@@ -45,16 +45,27 @@ def _mean_std(values: pd.Series | None) -> tuple[float, float]:
 
 def sweep_summary(histories: pd.DataFrame, score_last: int) -> pd.DataFrame:
     """Table 2: per size, the mean loss of the last ``score_last`` epochs (on the test set or
-    the held-out validation images, whichever the sweep was scored on), ranked."""
+    the held-out validation images, whichever the sweep was scored on), ranked.
+
+    With one seed, ± is the spread of those last epochs; with several (``repeat``), each
+    seed's score is its last epochs' mean, and the table gives their mean ± standard
+    deviation over the seeds."""
     score = score_column(histories)
+    if "repeat" not in histories.columns:
+        histories = histories.assign(repeat=0)
     rows = []
     for size, h in histories.groupby("size"):
-        tail = h.sort_values("epoch").tail(score_last)
+        tails = [r.sort_values("epoch").tail(score_last) for _, r in h.groupby("repeat")]
         row: dict[str, float | int] = {"size": int(size)}
         for column in ("test_loss", "val_loss"):
-            row[column], row[f"{column}_std"] = _mean_std(tail.get(column))
-        row["train_loss"] = tail["train_loss"].mean()
-        row["epochs_scored"] = len(tail)
+            if len(tails) == 1:
+                row[column], row[f"{column}_std"] = _mean_std(tails[0].get(column))
+            else:
+                per_seed = pd.Series([_mean_std(t.get(column))[0] for t in tails])
+                row[column], row[f"{column}_std"] = _mean_std(per_seed)
+        row["train_loss"] = float(pd.concat([t["train_loss"] for t in tails]).mean())
+        row["epochs_scored"] = len(tails[0])
+        row["repeats"] = len(tails)
         rows.append(row)
     table = pd.DataFrame(rows).sort_values([score, "size"]).reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))

@@ -385,6 +385,7 @@ def train_size(
     batch_size: int,
     seed: int,
     stage: str = "sweep",
+    repeat: int = 0,
     selection: str = "test",
     validation_images: int = 10000,
     eval_batch_size: int = 2048,
@@ -396,9 +397,10 @@ def train_size(
     """Train at encoding ``size``, scoring each epoch on the set ``selection`` names: the
     test set, on the whole training set (the seed's way), or ``validation_images`` held out
     of the training set (stratified, seeded), on the rest; the test set is then not seen.
+    ``repeat`` > 0 draws other initial weights and batches (repeat 0: the study's own).
 
     Returns the model and its per-epoch history (the sweep_history table)."""
-    key = task_seed(seed, stage, size)
+    key = task_seed(seed, stage, size, *([repeat] if repeat else []))
     model = build_autoencoder(size, key)
     if selection == "validation":
         held = torch.from_numpy(holdout_mask(train.labels, validation_images, seed))
@@ -427,6 +429,7 @@ def train_size(
     frame = pd.DataFrame(
         {
             "size": size,
+            "repeat": repeat,
             "epoch": [h.epoch for h in history],
             "lr": [h.lr for h in history],
             "train_loss": [h.train_loss for h in history],

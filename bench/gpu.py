@@ -153,6 +153,7 @@ class PaperRun:
         self.archive = archive
         self.config = config
         self.walls: dict[str, float] = {}
+        self.threads = threads_per_task(workers)
         self.lock = threading.Lock()
 
     def stage(self, name: str, tasks: list[Callable[[], object]]) -> None:
@@ -218,38 +219,40 @@ class PaperRun:
             f"Table 1: best lr {lr:g}, weight decay {wd:g}, val {table1.iloc[0].val_loss_mean:.6f}"
         )
 
-        def size_task(size: int, stage: str, path: Path, epochs: int) -> Callable[[], object]:
+        def size_task(size: int, stage: str, repeat: int) -> Callable[[], object]:
+            final = stage == "final"
+            path = layout.final_history_of(repeat) if final else layout.sweep_history(size, repeat)
             if path.exists():
                 return lambda: None
 
             def task() -> None:
                 model, history = train_size(
-                    train, test, size=size, lr=lr, weight_decay=wd, epochs=epochs,
+                    train, test, size=size, lr=lr, weight_decay=wd,
+                    epochs=c.final.epochs if final else c.sweep.epochs,
                     plateau_patience=c.sweep.plateau_patience,
                     selection=c.sweep.selection, validation_images=c.sweep.validation_images,
-                    batch_size=c.training.batch_size, seed=c.seed, stage=stage,
+                    batch_size=c.training.batch_size, seed=c.seed, stage=stage, repeat=repeat,
                     eval_batch_size=c.training.eval_batch_size, device=device,
                 )  # fmt: skip
-                if stage == "final":
-                    finish_final(layout, model, history, test, c, lr, wd, size, device)
+                if final:
+                    finish_final(layout, model, test, c, lr, wd, size, device, repeat)
                 write_table(history, path, "sweep_history")
 
             return task
 
-        self.stage(
-            "sweep",
-            [size_task(s, "sweep", layout.sweep_history(s), c.sweep.epochs) for s in c.sweep.sizes],
-        )
-        frames = [read_frame(layout.sweep_history(s), "sweep_history") for s in c.sweep.sizes]
+        sweep = plan.sweep_labels(c)
+        self.stage("sweep", [size_task(size, "sweep", repeat) for _, size, repeat in sweep])
+        frames = [read_frame(layout.sweep_history(s, r), "sweep_history") for _, s, r in sweep]
         table2 = sweep_summary(pd.concat(frames, ignore_index=True), c.sweep.score_last)
         write_table(table2, layout.sweep_summary, "sweep_summary")
         best = int(table2.iloc[0]["size"])
         print(f"Table 2: best size {best}")
         size = plan.final_size(c, best)
-        # As the flow: the final task alone gets every core (the CPU's sums depend on it).
-        torch.set_num_threads(cpu_count())
-        self.stage("final", [size_task(size, "final", layout.final_history, c.final.epochs)])
-        torch.set_num_threads(threads_per_task(self.workers))
+        # As the flow: a lone final task gets every core (the CPU's sums depend on it).
+        torch.set_num_threads(cpu_count() if c.sweep.repeats == 1 else self.threads)
+        finals = plan.final_labels(c, size)
+        self.stage("final", [size_task(size, "final", repeat) for _, repeat in finals])
+        torch.set_num_threads(self.threads)
         self.stage(
             "evaluation",
             [lambda: evaluations(layout, test, c, device, "corruption"),
@@ -259,14 +262,14 @@ class PaperRun:
 
 
 def finish_final(
-    layout: Layout, model: Any, history: pd.DataFrame, test: ImageSet, c: StudyConfig,
-    lr: float, wd: float, size: int, device: str,
+    layout: Layout, model: Any, test: ImageSet, c: StudyConfig,
+    lr: float, wd: float, size: int, device: str, repeat: int,
 ) -> None:  # fmt: skip
     """What the final task stores besides its history: test MSE, metrics and checkpoint."""
     test_mse = evaluate(model, test.images, c.training.eval_batch_size, device)
     metrics = {"test_mse": test_mse, "size": size, "lr": lr, "weight_decay": wd}
-    write_table(metrics_frame(metrics), layout.final_metrics, "metrics")
-    save_checkpoint(model, layout.final_model)
+    write_table(metrics_frame(metrics), layout.final_metrics_of(repeat), "metrics")
+    save_checkpoint(model, layout.final_model_of(repeat))
     print(f"final model: test MSE {test_mse:.6f}")
 
 

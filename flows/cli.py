@@ -53,6 +53,11 @@ def _workdir_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", type=Path, default=Path(DEFAULT_WORKDIR), help="the work dir")
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields the flags of ``run`` and ``status`` override."""
+    return run_overrides(args.seed, args.device, args.repeats)
+
+
 def _device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
@@ -104,6 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--seed", type=int, help="the study's seed (default: the profile's, 0)")
     run.add_argument(
+        "--repeats",
+        type=int,
+        metavar="N",
+        help="train the sweep and the final model with N seeds (sweep.repeats, default 1): "
+        "Table 2 and the final test MSE then show mean ± standard deviation over them",
+    )
+    run.add_argument(
         "--fresh",
         action="store_true",
         help="recompute every stage, reusing no earlier result or checkpoint",
@@ -144,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--profile", choices=PROFILES, help="the profile (as for run)")
     status.add_argument("--config", type=Path, metavar="FILE.toml", help="as for run")
     status.add_argument("--seed", type=int, help="as for run")
+    status.add_argument("--repeats", type=int, metavar="N", help="as for run")
     _device_option(status)
 
     ui = commands.add_parser(
@@ -212,9 +225,7 @@ def _run(args: argparse.Namespace) -> int:
     # Validate before anything starts: a bad value costs no server start and no training.
     from aemnist.runtime import parallel_workers, with_resolved_device
 
-    config = with_resolved_device(
-        load_config(args.profile, args.config, run_overrides(args.seed, args.device))
-    )
+    config = with_resolved_device(load_config(args.profile, args.config, _overrides(args)))
     workdir = args.workdir.resolve()
     ensure_writable(workdir)
     check_reachable(resolve_tracking_uri(workdir))
@@ -241,6 +252,7 @@ def _run(args: argparse.Namespace) -> int:
         fresh=args.fresh,
         refresh=args.refresh,
         device=args.device,
+        repeats=args.repeats,
     )
     tracking = os.environ.get(TRACKING_ENV)
     print(f"\nStudy ({config.profile}) finished in {time.monotonic() - started:.0f} s.")
@@ -427,9 +439,7 @@ def _status(args: argparse.Namespace) -> int:
     from aemnist.runtime import with_resolved_device
     from aemnist.status import format_status, study_status
 
-    config = with_resolved_device(
-        load_config(args.profile, args.config, run_overrides(args.seed, args.device))
-    )
+    config = with_resolved_device(load_config(args.profile, args.config, _overrides(args)))
     layout = Layout(args.workdir.resolve())
     uri = resolve_tracking_uri(layout.root)
     store_exists = uri != embedded_tracking_uri(layout.root) or (layout.root / "mlflow.db").exists()

@@ -85,25 +85,26 @@ def study(
     fresh: bool = False,
     refresh: list[str] | None = None,
     device: str | None = None,
+    repeats: int | None = None,
 ) -> str:
     """Run the whole study; returns the path of the report.
 
     ``fresh`` recomputes every stage; ``refresh`` names stages to recompute with every stage
-    that follows from them; ``device`` (auto, cpu or cuda) overrides runtime.device."""
-    config = with_resolved_device(
-        load_config(
-            profile, Path(config_file) if config_file else None, run_overrides(seed, device)
-        )
-    )
+    that follows from them; ``device`` (auto, cpu or cuda) overrides runtime.device and
+    ``repeats`` sweep.repeats (the seeds the sweep and the final model are trained with)."""
+    overrides = run_overrides(seed, device, repeats)
+    user_file = Path(config_file) if config_file else None
+    config = with_resolved_device(load_config(profile, user_file, overrides))
     prepare_device(config.runtime.device)
     layout = Layout(Path(workdir).resolve())
     mirror = mnist_mirror or os.environ.get(MIRROR_ENV) or None
     redo = plan.refreshed_stages(fresh, refresh)
-    threads = threads_per_task(
-        parallel_workers(
-            config.runtime.workers, config.runtime.device, config.runtime.gpu_concurrency
-        )
+    workers = parallel_workers(
+        config.runtime.workers, config.runtime.device, config.runtime.gpu_concurrency
     )
+    threads = threads_per_task(workers)
+    # A single final task gets every core; several (repeats) share them as the sweep does.
+    final_threads = cpu_count() if config.sweep.repeats == 1 else threads
 
     def submit(
         task: Any, stage: str, inputs: dict[str, Any], label: str | None = None, **runtime: Any
@@ -145,11 +146,11 @@ def study(
             label: submit(
                 sweep_size,
                 "sweep",
-                plan.sweep_inputs(config, layout, train, test, size, lr, wd),
+                plan.sweep_inputs(config, layout, train, test, size, lr, wd, repeat),
                 label,
                 threads=threads,
             )
-            for label, size in plan.sweep_labels(config)
+            for label, size, repeat in plan.sweep_labels(config)
         }
         histories = collect(ctx, sweep, "sweep")
         sweep_table, best_size = run_one(
@@ -160,10 +161,22 @@ def study(
         )
 
         size = plan.final_size(config, best_size)
-        final_inputs = plan.final_inputs(config, layout, train, test, size, lr, wd)
-        model = run_one(
-            final_model, "final", final_inputs, plan.final_label(size), threads=cpu_count()
+        # One final model per seed, side by side; the evaluations use repeat 0's.
+        finals = collect(
+            ctx,
+            {
+                label: submit(
+                    final_model,
+                    "final",
+                    plan.final_inputs(config, layout, train, test, size, lr, wd, repeat),
+                    label,
+                    threads=final_threads,
+                )
+                for label, repeat in plan.final_labels(config, size)
+            },
+            "final",
         )
+        model = finals[0]
 
         evaluations = collect(
             ctx,
@@ -184,11 +197,11 @@ def study(
             "evaluation",
         )
 
-        tables = [grid_table, sweep_table, model, *evaluations]
+        tables = [grid_table, sweep_table, *finals, *evaluations]
         report = run_one(
             write_report, "report", plan.report_inputs(config, layout, tables), "report"
         )
-        publish_results(ctx, layout)
+        publish_results(ctx, config, layout)
     except BaseException:
         close_study(ctx, "FAILED")
         raise

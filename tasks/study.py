@@ -77,7 +77,7 @@ def write_report(
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish_results(ctx: TrackingContext, layout: Layout) -> None:
+def publish_results(ctx: TrackingContext, config: StudyConfig, layout: Layout) -> None:
     """The study's results on its parent run (headline metrics, report, figures, Tables 1
     and 2) and beside its Prefect flow run (artifacts)."""
     artifacts = [(layout.report, None)] + [(fig, "figures") for fig in report_figures(layout)]
@@ -85,7 +85,7 @@ def publish_results(ctx: TrackingContext, layout: Layout) -> None:
     final = read_frame(layout.final_metrics, "metrics").set_index("metric")["value"]
     metrics = {f"final_{k}": float(v) for k, v in final.items()}
     # Ours beside the seed's, with the ratios and the targets met: comparable across runs.
-    metrics |= seed_comparison(load_tables(layout))
+    metrics |= seed_comparison(load_tables(layout, config.sweep.repeats))
     log_to_parent(ctx, metrics=metrics, artifacts=artifacts)
     create_markdown_artifact(
         layout.report.read_text(), key="aemnist-report", description="Study report"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -14,12 +15,23 @@ from aemnist.data import ImageSet, load_images
 from aemnist.faults import maybe_fail
 from aemnist.layout import Layout
 from aemnist.model import Autoencoder, save_checkpoint
+from aemnist.plan import size_label
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, read_frame, write_table
 from aemnist.tracking import TaskRun, TrackingContext
 from aemnist.training import EpochResult, evaluate, train_fold, train_size
 from tasks.caching import StageCache, current_key
 from tasks.common import tracked_run
+
+
+def _run_name(stage: str) -> Callable[..., str]:
+    """The task run's name from its parameters, as the flow labels it (aemnist.plan)."""
+
+    def name(parameters: dict[str, Any]) -> str:
+        return size_label(stage, parameters["size"], parameters.get("repeat", 0))
+
+    return name
+
 
 # The MLflow metric of each epoch's scored loss, by the sweep's selection.
 SCORED_ON = {"test": "test_loss", "validation": "val_loss"}
@@ -131,14 +143,16 @@ def _trained_at_size(
     seed: int,
     threads: int,
     device: str,
+    repeat: int,
 ) -> Iterator[tuple[TaskRun, Autoencoder, pd.DataFrame, ImageSet]]:
     """What the sweep and final stages share: a nested run, training at one size on the whole
     training set with the test loss each epoch, resumable from the task's checkpoint (removed
     once the body has stored its results). Yields the run, model, history and test images."""
-    label = f"{stage} size={size}"
+    label = size_label(stage, size, repeat)
     params = {
         "stage": stage,
         "size": size,
+        "repeat": repeat,
         "lr": lr,
         "weight_decay": weight_decay,
         "epochs": epochs,
@@ -164,6 +178,7 @@ def _trained_at_size(
             batch_size=training.batch_size,
             seed=seed,
             stage=stage,
+            repeat=repeat,
             selection=selection,
             validation_images=validation_images,
             eval_batch_size=training.eval_batch_size,
@@ -178,7 +193,7 @@ def _trained_at_size(
 
 @task(
     name="sweep-size",
-    task_run_name="sweep size={size}",
+    task_run_name=_run_name("sweep"),
     cache_policy=StageCache(stage="sweep"),
     persist_result=True,
 )
@@ -200,6 +215,7 @@ def sweep_size(
     seed: int,
     threads: int,
     device: str = "cpu",
+    repeat: int = 0,
 ) -> TableRef:
     """Train at one encoding size on the whole training set, test loss each epoch."""
     with _trained_at_size(
@@ -221,15 +237,16 @@ def sweep_size(
         seed,
         threads,
         device,
+        repeat,
     ) as (run, _, history, _):
-        ref = write_table(history, layout.sweep_history(size), "sweep_history")
+        ref = write_table(history, layout.sweep_history(size, repeat), "sweep_history")
         run.log_artifact(ref.path, "tables")
     return ref.with_run(run.run_id)
 
 
 @task(
     name="final",
-    task_run_name="final size={size}",
+    task_run_name=_run_name("final"),
     cache_policy=StageCache(stage="final"),
     persist_result=True,
 )
@@ -251,8 +268,10 @@ def final_model(
     seed: int,
     threads: int,
     device: str = "cpu",
+    repeat: int = 0,
 ) -> TableRef:
-    """Train the final model; save its checkpoint; log and register it in MLflow.
+    """Train the final model (of one seed); save its checkpoint; log it and, for repeat 0,
+    register it in MLflow.
 
     Returns the model file's reference: what the evaluation stages depend on."""
     with _trained_at_size(
@@ -274,18 +293,25 @@ def final_model(
         seed,
         threads,
         device,
+        repeat,
     ) as (run, model, history, test_set):
         test_mse = evaluate(model, test_set.images, training.eval_batch_size, device)
-        write_table(history, layout.final_history, "sweep_history")
-        metrics = {"test_mse": test_mse, "size": size, "lr": lr, "weight_decay": weight_decay}
-        write_table(metrics_frame(metrics), layout.final_metrics, "metrics")
-        save_checkpoint(model, layout.final_model)
-        run.log_metrics({"test_mse": test_mse})
-        for path in (layout.final_history, layout.final_metrics, layout.final_model):
-            run.log_artifact(path, "final")
-        example = test_set.images[:4].numpy().astype(np.float32)
-        version = run.log_pytorch_model(model, example)
-        get_run_logger().info(
-            "final model: test MSE %.6f, registered version %s", test_mse, version
+        files = (
+            layout.final_history_of(repeat),
+            layout.final_metrics_of(repeat),
+            layout.final_model_of(repeat),
         )
-    return TableRef.of_file(layout.final_model).with_run(run.run_id)
+        write_table(history, files[0], "sweep_history")
+        metrics = {"test_mse": test_mse, "size": size, "lr": lr, "weight_decay": weight_decay}
+        write_table(metrics_frame(metrics), files[1], "metrics")
+        save_checkpoint(model, files[2])
+        run.log_metrics({"test_mse": test_mse})
+        for path in files:
+            run.log_artifact(path, "final")
+        if repeat == 0:  # the model the evaluation stages use is the one registered
+            example = test_set.images[:4].numpy().astype(np.float32)
+            version = run.log_pytorch_model(model, example)
+            get_run_logger().info(
+                "final model: test MSE %.6f, registered version %s", test_mse, version
+            )
+    return TableRef.of_file(files[2]).with_run(run.run_id)

@@ -67,6 +67,7 @@ def _sweep_history(sizes: tuple[int, ...], epochs: int = 3) -> pd.DataFrame:
             rows.append(
                 {
                     "size": size,
+                    "repeat": 0,
                     "epoch": epoch,
                     "lr": 0.005 if epoch < 3 else 0.0025,
                     "train_loss": loss * 0.95,
@@ -412,3 +413,26 @@ def test_report_says_the_sizes_were_chosen_on_held_out_images_in_validation_mode
     assert "- sizes selected on: validation (10000 training images held out" in text
     assert "| size | our rank | our validation loss | seed test loss | ours/seed |" in text
     assert "the test set is kept for the final number only" in text
+
+
+def test_with_several_seeds_table2_and_the_final_mse_give_mean_and_spread_over_seeds(tmp_path):
+    layout, config = write_study(tmp_path)
+    config = dataclasses.replace(config, sweep=dataclasses.replace(config.sweep, repeats=2))
+    second = _sweep_history(SIZES).assign(repeat=1)
+    second["test_loss"] += 0.01  # the second seed scores 0.01 worse at every size
+    both = pd.concat([_sweep_history(SIZES), second])
+    write_table(sweep_summary(both, score_last=2), layout.sweep_summary, "sweep_summary")
+    write_table(_metrics({"test_mse": 0.0143}), layout.final_metrics_of(1), "metrics")
+
+    tables = load_tables(layout, repeats=2)
+    text = render_report(tables, config, layout, TODAY)
+
+    table2 = sweep_summary(both, score_last=2).set_index("size")
+    one = sweep_summary(_sweep_history(SIZES), score_last=2).set_index("size")
+    assert table2.loc[8, "test_loss"] == pytest.approx(one.loc[8, "test_loss"] + 0.005)
+    assert table2.loc[8, "test_loss_std"] == pytest.approx(0.01 / 2**0.5)
+    assert (table2["repeats"] == 2).all()
+    assert tables.final_test_mse == pytest.approx(0.0133)
+    assert "| test MSE (mean ± std over 2 seeds) | 0.013300 ± 0.001414 |" in text
+    assert "mean ± standard deviation over 2 seeds" in text
+    assert seed_comparison(tables)["ours.final.test_mse"] == pytest.approx(0.0133)

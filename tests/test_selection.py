@@ -1,4 +1,4 @@
-"""Leakage-free selection: the sweep scored on images held out of the training set."""
+"""Leakage-free selection and repeated seeds: the sweep scored on held-out images, several seeds."""
 
 from __future__ import annotations
 
@@ -113,3 +113,18 @@ def test_quick_selects_on_validation_and_paper_keeps_the_seeds_test_selection() 
     assert load_config("quick").sweep.selection == "validation"
     assert load_config("paper").sweep.selection == "test"
     assert load_config("paper").final.size == 20
+
+
+def test_repeat_zero_is_the_studys_own_seed_and_other_repeats_train_from_other_seeds(
+    small_sets: tuple[ImageSet, ImageSet],
+) -> None:
+    train, test = small_sets
+    kwargs = dict(size=4, lr=5e-3, weight_decay=0.0, epochs=1, plateau_patience=5, batch_size=64)
+
+    _, plain = train_size(train, test, seed=0, **kwargs)
+    _, first = train_size(train, test, seed=0, repeat=0, **kwargs)
+    _, second = train_size(train, test, seed=0, repeat=1, **kwargs)
+
+    assert first.equals(plain)
+    assert (second["repeat"] == 1).all() and (first["repeat"] == 0).all()
+    assert second["test_loss"].iloc[0] != first["test_loss"].iloc[0]

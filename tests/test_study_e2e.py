@@ -27,9 +27,11 @@ from mlflow import MlflowClient
 
 from aemnist.config import load_config
 from aemnist.layout import Layout
+from aemnist.runtime import with_resolved_device
 from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
 
-SMOKE = load_config("smoke")
+# As the run resolves it: runtime.device auto becomes the device it ran on.
+SMOKE = with_resolved_device(load_config("smoke"))
 
 
 @pytest.fixture(scope="module")
