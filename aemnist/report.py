@@ -446,7 +446,7 @@ def corruption_section(corruption: pd.DataFrame, config: StudyConfig, layout: La
             "",
             "Each test image x is corrupted, then reconstructed; the error is always against "
             "the clean image: MSE(model(corrupt(x)), x), and beside it the corrupted input's "
-            "own MSE(corrupt(x), x) (the baseline of doing nothing). Each figure is the mean "
+            "own MSE(corrupt(x), x) (the baseline of doing nothing). Each value is the mean "
             "over the test images of one image's MSE, ± the half-width of its 95 % interval "
             "(1.96 standard errors). The corruptions:",
             "",

@@ -28,7 +28,7 @@ def evaluate_corruption(
     training: TrainingConfig,
     seed: int,
     threads: int,
-    device: str = "cpu",
+    device: str,
 ) -> TableRef:
     """Reconstruction MSE under Gaussian noise and occlusion, with the input's own MSE."""
     levels = levels_of(corruption)
@@ -66,7 +66,7 @@ def map_embedding(
     embedding: EmbeddingConfig,
     seed: int,
     threads: int,
-    device: str = "cpu",
+    device: str,
 ) -> TableRef:
     """Encode test images, map them to 2-D with t-SNE, measure how well the digits separate."""
     params = {

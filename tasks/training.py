@@ -82,7 +82,7 @@ def grid_fold(
     training: TrainingConfig,
     seed: int,
     threads: int,
-    device: str = "cpu",
+    device: str,
 ) -> TableRef:
     """Train on every fold but ``fold`` and record the per-epoch validation loss."""
     label = f"grid lr={lr:g} wd={weight_decay:g} fold={fold}"
@@ -214,8 +214,8 @@ def sweep_size(
     training: TrainingConfig,
     seed: int,
     threads: int,
-    device: str = "cpu",
-    repeat: int = 0,
+    device: str,
+    repeat: int,
 ) -> TableRef:
     """Train at one encoding size on the whole training set, test loss each epoch."""
     with _trained_at_size(
@@ -267,8 +267,8 @@ def final_model(
     training: TrainingConfig,
     seed: int,
     threads: int,
-    device: str = "cpu",
-    repeat: int = 0,
+    device: str,
+    repeat: int,
 ) -> TableRef:
     """Train the final model (of one seed); save its checkpoint; log it and, for repeat 0,
     register it in MLflow.
