@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -235,14 +236,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.task_runner == "dask" and args.dask_address:
         _check_dask_scheduler(args.dask_address)
 
+    started = time.monotonic()
+    api = None if os.environ.get(PREFECT_API_ENV) else _TemporaryApi()
     from flows.study import study
 
-    started = time.monotonic()
     runtime = config.runtime
     workers = parallel_workers(runtime.workers, runtime.device, runtime.gpu_concurrency)
     runner = _task_runner(args.task_runner, args.dask_address, workers)
-    if args.task_runner == "dask":
-        _share_prefect_api()
+    if api is not None:
+        api.ready()
     report = study.with_options(task_runner=runner)(
         profile=config.profile,
         workdir=str(workdir),
@@ -307,20 +309,36 @@ def _task_runner(kind: str, address: str | None, workers: int) -> Any:
     )
 
 
-def _share_prefect_api() -> None:
-    """Without PREFECT_API_URL, start this run's temporary Prefect server now and point the
-    whole process (and the worker processes it starts) at it: Dask workers otherwise each
-    start a temporary server of their own. It stops when the process exits, after the last
-    logs are shipped."""
-    if os.environ.get(PREFECT_API_ENV):
-        return
-    from prefect.context import refresh_global_settings_context
-    from prefect.server.api.server import SubprocessASGIServer
+class _TemporaryApi:
+    """This run's temporary Prefect server, started in a thread while the flow's modules
+    (torch, MLflow, scikit-learn, matplotlib) import: the two used to take their seconds one
+    after the other. The whole process, and the worker processes it starts (Dask's), is
+    pointed at it: they would otherwise each start a temporary server of their own. It
+    stops when the process exits, after the last logs are shipped."""
 
-    server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
-    os.environ[PREFECT_API_ENV] = server.api_url
-    refresh_global_settings_context()
+    def __init__(self) -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        self.server = SubprocessASGIServer()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._start, name="prefect-api", daemon=True)
+        self.thread.start()
+
+    def _start(self) -> None:
+        try:
+            timeout = int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+            self.server.start(timeout=timeout)
+        except BaseException as exc:  # raised in the main thread by ready()
+            self.error = exc
+
+    def ready(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        from prefect.context import refresh_global_settings_context
+
+        os.environ[PREFECT_API_ENV] = self.server.api_url
+        refresh_global_settings_context()
 
 
 def _server(args: argparse.Namespace) -> int:
