@@ -214,109 +214,87 @@ def fit(
     dev = torch.device(device)
     prepare_device(dev.type)
     with _task_stream(dev):
-        history = _fit_on(
-            dev, model, train_images, eval_images, lr, weight_decay, epochs, batch_size, seed,
-            plateau_patience, eval_batch_size, on_epoch, checkpoint, resume_key,
-        )  # fmt: skip
+        graphs = dev.type == "cuda" and CUDA_GRAPHS
+        channels_last = CUDA_CHANNELS_LAST if dev.type == "cuda" else CHANNELS_LAST
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model.to(dev, memory_format=memory_format)
+        train_images = train_images.to(dev).contiguous(memory_format=memory_format)
+        eval_images = eval_images.to(dev).contiguous(memory_format=memory_format)
+        # A captured step reads the learning rate from a device tensor, so that the scheduler's
+        # changes reach it; on the CPU it stays a float.
+        lr_tensor = torch.tensor(lr, dtype=torch.float32, device=dev) if graphs else None
+        optimizer = torch.optim.Adam(
+            model.parameters(),
+            lr=lr_tensor if lr_tensor is not None else lr,
+            weight_decay=weight_decay,
+            fused=FUSED_ADAM,
+            capturable=graphs,
+        )
+        scheduler = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=plateau_patience)
+            if plateau_patience is not None
+            else None
+        )
+        generator = torch.Generator().manual_seed(seed)
+        history: list[EpochResult] = []
+        state = load_training_state(checkpoint) if checkpoint and checkpoint.exists() else None
+        if state is not None and state.get("key") == resume_key and resume_key is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            generator.set_state(state["generator"])
+            for epoch, train_loss, eval_loss, epoch_lr in state["history"]:
+                result = EpochResult(int(epoch), train_loss, eval_loss, epoch_lr, resumed=True)
+                history.append(result)
+                if on_epoch is not None:
+                    on_epoch(result)
+        _pin_lr(optimizer, lr_tensor)
+        n = train_images.shape[0]
+        # Losses are summed on the device: one host sync per epoch, not one per batch.
+        total = torch.zeros((), dtype=torch.float64, device=dev)
+        step = (
+            _GraphStep(model, optimizer, train_images, batch_size, total)
+            if graphs and len(history) < epochs and n >= batch_size
+            else None
+        )
+        for epoch in range(len(history) + 1, epochs + 1):
+            model.train()
+            current_lr = float(optimizer.param_groups[0]["lr"])
+            order = torch.randperm(n, generator=generator).to(dev)
+            total.zero_()
+            for start in range(0, n, batch_size):
+                index = order[start : start + batch_size]
+                if step is not None and index.shape[0] == batch_size:
+                    step(index)
+                    continue
+                batch = train_images[index]
+                loss = _eager_step(model, optimizer, batch, keep_grads=step is not None)
+                total.add_(loss.double() * index.shape[0])
+            train_loss = float(total) / n
+            eval_loss = evaluate(model, eval_images, eval_batch_size)
+            if scheduler is not None:
+                scheduler.step(eval_loss)
+                _pin_lr(optimizer, lr_tensor)
+            result = EpochResult(epoch, train_loss, eval_loss, current_lr)
+            history.append(result)
+            if checkpoint is not None and resume_key is not None:
+                save_training_state(
+                    checkpoint,
+                    {
+                        "key": resume_key,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                        "generator": generator.get_state(),
+                        "history": [[h.epoch, h.train_loss, h.eval_loss, h.lr] for h in history],
+                    },
+                )
+            if on_epoch is not None:
+                on_epoch(result)
     # Back to the default layout, on the CPU: a model loaded from its checkpoint then
     # computes exactly what this one does.
     model.to("cpu", memory_format=torch.contiguous_format)
-    return history
-
-
-def _fit_on(
-    dev: torch.device,
-    model: Autoencoder,
-    train_images: torch.Tensor,
-    eval_images: torch.Tensor,
-    lr: float,
-    weight_decay: float,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    plateau_patience: int | None,
-    eval_batch_size: int,
-    on_epoch: EpochCallback | None,
-    checkpoint: Path | None,
-    resume_key: str | None,
-) -> list[EpochResult]:
-    graphs = dev.type == "cuda" and CUDA_GRAPHS
-    channels_last = CUDA_CHANNELS_LAST if dev.type == "cuda" else CHANNELS_LAST
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model.to(dev, memory_format=memory_format)
-    train_images = train_images.to(dev).contiguous(memory_format=memory_format)
-    eval_images = eval_images.to(dev).contiguous(memory_format=memory_format)
-    # A captured step reads the learning rate from a device tensor, so that the scheduler's
-    # changes reach it; on the CPU it stays a float.
-    lr_tensor = torch.tensor(lr, dtype=torch.float32, device=dev) if graphs else None
-    optimizer = torch.optim.Adam(
-        model.parameters(),
-        lr=lr_tensor if lr_tensor is not None else lr,
-        weight_decay=weight_decay,
-        fused=FUSED_ADAM,
-        capturable=graphs,
-    )
-    scheduler = (
-        torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=plateau_patience)
-        if plateau_patience is not None
-        else None
-    )
-    generator = torch.Generator().manual_seed(seed)
-    history: list[EpochResult] = []
-    state = load_training_state(checkpoint) if checkpoint and checkpoint.exists() else None
-    if state is not None and state.get("key") == resume_key and resume_key is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        for epoch, train_loss, eval_loss, epoch_lr in state["history"]:
-            result = EpochResult(int(epoch), train_loss, eval_loss, epoch_lr, resumed=True)
-            history.append(result)
-            if on_epoch is not None:
-                on_epoch(result)
-    _pin_lr(optimizer, lr_tensor)
-    n = train_images.shape[0]
-    # Losses are summed on the device: one host sync per epoch, not one per batch.
-    total = torch.zeros((), dtype=torch.float64, device=dev)
-    step = (
-        _GraphStep(model, optimizer, train_images, batch_size, total)
-        if graphs and len(history) < epochs and n >= batch_size
-        else None
-    )
-    for epoch in range(len(history) + 1, epochs + 1):
-        model.train()
-        current_lr = float(optimizer.param_groups[0]["lr"])
-        order = torch.randperm(n, generator=generator).to(dev)
-        total.zero_()
-        for start in range(0, n, batch_size):
-            index = order[start : start + batch_size]
-            if step is not None and index.shape[0] == batch_size:
-                step(index)
-                continue
-            loss = _eager_step(model, optimizer, train_images[index], keep_grads=step is not None)
-            total.add_(loss.double() * index.shape[0])
-        train_loss = float(total) / n
-        eval_loss = evaluate(model, eval_images, eval_batch_size)
-        if scheduler is not None:
-            scheduler.step(eval_loss)
-            _pin_lr(optimizer, lr_tensor)
-        result = EpochResult(epoch, train_loss, eval_loss, current_lr)
-        history.append(result)
-        if checkpoint is not None and resume_key is not None:
-            save_training_state(
-                checkpoint,
-                {
-                    "key": resume_key,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "generator": generator.get_state(),
-                    "history": [[h.epoch, h.train_loss, h.eval_loss, h.lr] for h in history],
-                },
-            )
-        if on_epoch is not None:
-            on_epoch(result)
     return history
 
 
