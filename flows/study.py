@@ -7,6 +7,7 @@ config fields and code are unchanged and whose files are intact, and recomputes 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,15 @@ def study(
             task, stage, inputs, storage, stage in redo, checkpoint, ctx=ctx, **runtime
         )
 
+    def fan_out(
+        task: Any, stage: str, labelled: Iterable[tuple[str, dict[str, Any]]], threads: int
+    ) -> list[Any]:
+        """One task per (label, inputs), side by side; the results once all have finished."""
+        futures = {
+            label: submit(task, stage, inputs, label, threads=threads) for label, inputs in labelled
+        }
+        return collect(ctx, futures, stage)
+
     def run_one(task: Any, stage: str, inputs: dict[str, Any], label: str, **runtime: Any) -> Any:
         return collect(ctx, {label: submit(task, stage, inputs, label, **runtime)}, stage)[0]
 
@@ -124,17 +134,15 @@ def study(
         train, test = tables["train"], tables["test"]
         folds = run_one(assign_folds, "folds", plan.folds_inputs(config, layout, train), "folds")
 
-        grid = {
-            label: submit(
-                grid_fold,
-                "grid",
-                plan.grid_inputs(config, layout, train, folds, lr, wd, fold),
-                label,
-                threads=threads,
-            )
-            for label, lr, wd, fold in plan.grid_labels(config)
-        }
-        histories = collect(ctx, grid, "grid")
+        histories = fan_out(
+            grid_fold,
+            "grid",
+            (
+                (label, plan.grid_inputs(config, layout, train, folds, lr, wd, fold))
+                for label, lr, wd, fold in plan.grid_labels(config)
+            ),
+            threads,
+        )
         grid_table, lr, wd = run_one(
             summarise_grid,
             "grid-summary",
@@ -142,17 +150,15 @@ def study(
             "grid summary",
         )
 
-        sweep = {
-            label: submit(
-                sweep_size,
-                "sweep",
-                plan.sweep_inputs(config, layout, train, test, size, lr, wd, repeat),
-                label,
-                threads=threads,
-            )
-            for label, size, repeat in plan.sweep_labels(config)
-        }
-        histories = collect(ctx, sweep, "sweep")
+        histories = fan_out(
+            sweep_size,
+            "sweep",
+            (
+                (label, plan.sweep_inputs(config, layout, train, test, size, lr, wd, repeat))
+                for label, size, repeat in plan.sweep_labels(config)
+            ),
+            threads,
+        )
         sweep_table, best_size = run_one(
             summarise_sweep,
             "sweep-summary",
@@ -162,19 +168,14 @@ def study(
 
         size = plan.final_size(config, best_size)
         # One final model per seed, side by side; the evaluations use repeat 0's.
-        finals = collect(
-            ctx,
-            {
-                label: submit(
-                    final_model,
-                    "final",
-                    plan.final_inputs(config, layout, train, test, size, lr, wd, repeat),
-                    label,
-                    threads=final_threads,
-                )
-                for label, repeat in plan.final_labels(config, size)
-            },
+        finals = fan_out(
+            final_model,
             "final",
+            (
+                (label, plan.final_inputs(config, layout, train, test, size, lr, wd, repeat))
+                for label, repeat in plan.final_labels(config, size)
+            ),
+            final_threads,
         )
         model = finals[0]
 
