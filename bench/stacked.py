@@ -1,0 +1,107 @@
+"""Grid cells trained at once as one batched model (aemnist.stacked) against the same cells
+trained one after another by ``aemnist.training.fit`` as the grid tasks train them.
+
+Each cell is a grid fold of full size (40000 training and 20000 validation images, size 6,
+batch 256) with its own learning rate, weight decay and seed. Printed for each N: both
+images/s (training images of all cells over the wall time, evaluation included), their
+ratio, and how far the stacked cells' losses are from the separate ones (different kernels
+round differently; fit's channels-last layout on the CPU adds its own rounding).
+
+    python bench/stacked.py [--models 2,4,8] [--epochs 1] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import machine, mnist, result
+
+from aemnist.model import build_autoencoder
+from aemnist.runtime import cpu_count
+from aemnist.stacked import fit_stacked
+from aemnist.training import EpochResult, fit
+
+TRAIN, VAL, SIZE, BATCH = 40000, 20000, 6, 256
+LRS = (1e-2, 5e-3, 1e-3, 5e-4)
+WDS = (1e-5, 5e-6)
+
+
+def cells(n: int) -> list[tuple[float, float, int]]:
+    """(lr, weight decay, seed) of n grid cells."""
+    return [(LRS[k % len(LRS)], WDS[k // len(LRS) % len(WDS)], 100 + k) for k in range(n)]
+
+
+def separate(
+    images: torch.Tensor, n: int, epochs: int, device: str
+) -> tuple[float, list[list[EpochResult]]]:
+    started = time.perf_counter()
+    histories = [
+        fit(
+            build_autoencoder(SIZE, seed),
+            images[:TRAIN],
+            images[TRAIN : TRAIN + VAL],
+            lr=lr,
+            weight_decay=wd,
+            epochs=epochs,
+            batch_size=BATCH,
+            seed=seed,
+            device=device,
+        )  # fmt: skip
+        for lr, wd, seed in cells(n)
+    ]
+    return n * TRAIN * epochs / (time.perf_counter() - started), histories
+
+
+def stacked(
+    images: torch.Tensor, n: int, epochs: int, device: str
+) -> tuple[float, list[list[EpochResult]]]:
+    chosen = cells(n)
+    started = time.perf_counter()
+    histories = fit_stacked(
+        [build_autoencoder(SIZE, seed) for _, _, seed in chosen],
+        images,
+        [torch.arange(TRAIN)] * n,
+        [images[TRAIN : TRAIN + VAL]] * n,
+        lrs=[lr for lr, _, _ in chosen],
+        weight_decays=[wd for _, wd, _ in chosen],
+        seeds=[seed for _, _, seed in chosen],
+        epochs=epochs,
+        batch_size=BATCH,
+        device=device,
+    )
+    return n * TRAIN * epochs / (time.perf_counter() - started), histories
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="2,4,8", help="cells trained at once")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    torch.set_num_threads(cpu_count())
+    print(f"machine: {machine()}; device {args.device}, {torch.get_num_threads()} threads")
+    images = mnist(train=True).images
+    best = (0.0, 0.0, 0)
+    for n in (int(x) for x in args.models.split(",")):
+        alone, reference = separate(images, n, args.epochs, args.device)
+        together, histories = stacked(images, n, args.epochs, args.device)
+        worst = max(
+            abs(a.eval_loss - b.eval_loss) / b.eval_loss
+            for ours, theirs in zip(histories, reference, strict=True)
+            for a, b in zip(ours, theirs, strict=True)
+        )
+        print(
+            f"{n} cells: one after another {alone:.0f} images/s, stacked {together:.0f} "
+            f"images/s, ratio {together / alone:.2f}; largest relative validation-loss "
+            f"difference {worst:.1e}",
+            flush=True,
+        )
+        if best[2] == 0 or together / alone > best[0] / best[1]:  # the best ratio's N
+            best = (together, alone, n)
+    result(f"stacked-grid-{args.device}", best[0], "images/s", best[1])
+
+
+if __name__ == "__main__":
+    main()
