@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 PROFILES = ("smoke", "quick", "paper")
+# The environment variable naming a folder or URL with the four MNIST files.
+MIRROR_ENV = "AEMNIST_MNIST_MIRROR"
 DEVICES = ("auto", "cpu", "cuda")
 SELECTIONS = ("test", "validation")
 

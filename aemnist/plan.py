@@ -8,11 +8,13 @@ the sweep's epochs leaves the download, folds and grid keys unchanged.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aemnist.config import StudyConfig
 from aemnist.layout import Layout
-from aemnist.schemas import TableRef
+
+if TYPE_CHECKING:  # annotations only: `aemnist run` imports this module before pyarrow
+    from aemnist.schemas import TableRef
 
 # The report's figures (aemnist.report.FIGURES), named here to spare this module matplotlib.
 REPORT_FIGURES = (

@@ -243,29 +243,41 @@ def write_table(
     return TableRef(path=str(path), sha256=digest, rows=table.num_rows)
 
 
-def read_table(path: Path | str, schema_name: str) -> pa.Table:
-    """Read a stage table and check it against its declared schema."""
-    path = Path(path)
-    if not path.exists():
-        raise TableError(
-            f"table {path} does not exist; run the stage that writes it "
-            f"(`aemnist run` re-runs what is missing)"
-        )
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for damaged files
-        raise TableError(
-            f"table {path} is damaged and cannot be read ({exc}); delete it and run "
-            f"`aemnist run` again to recompute it"
-        ) from exc
+def _missing(path: Path) -> TableError:
+    return TableError(
+        f"table {path} does not exist; run the stage that writes it "
+        f"(`aemnist run` re-runs what is missing)"
+    )
+
+
+def _damaged(path: Path, exc: Exception) -> TableError:
+    return TableError(
+        f"table {path} is damaged and cannot be read ({exc}); delete it and run "
+        f"`aemnist run` again to recompute it"
+    )
+
+
+def _check_schema(path: Path, actual: pa.Schema, schema_name: str) -> None:
     expected = SCHEMAS[schema_name]
-    actual = table.schema.remove_metadata()
+    actual = actual.remove_metadata()
     if not actual.equals(expected):
         raise TableError(
             f"table {path} does not have the {schema_name} schema (expected {expected.names} "
             f"with types {[str(t) for t in expected.types]}, found {actual.names} with "
             f"{[str(t) for t in actual.types]}); delete it and run `aemnist run` again"
         )
+
+
+def read_table(path: Path | str, schema_name: str) -> pa.Table:
+    """Read a stage table and check it against its declared schema."""
+    path = Path(path)
+    if not path.exists():
+        raise _missing(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise _damaged(path, exc) from exc
+    _check_schema(path, table.schema, schema_name)
     return table
 
 
@@ -273,14 +285,32 @@ def read_frame(path: Path | str, schema_name: str) -> pd.DataFrame:
     return read_table(path, schema_name).to_pandas()
 
 
-def table_metadata(path: Path | str) -> dict[str, str]:
-    """The ``aemnist.*`` key-value metadata of a parquet file (without the prefix)."""
-    meta = pq.read_schema(path).metadata or {}
+def _aemnist_metadata(schema: pa.Schema) -> dict[str, str]:
     return {
         k.decode()[len("aemnist.") :]: v.decode()
-        for k, v in meta.items()
+        for k, v in (schema.metadata or {}).items()
         if k.decode().startswith("aemnist.")
     }
+
+
+def table_metadata(path: Path | str) -> dict[str, str]:
+    """The ``aemnist.*`` key-value metadata of a parquet file (without the prefix)."""
+    return _aemnist_metadata(pq.read_schema(path))
+
+
+def table_footer(path: Path | str, schema_name: str) -> tuple[int, dict[str, str]]:
+    """A stage table's row count and ``aemnist.*`` metadata, from its footer alone (no data
+    page is decoded), after checking its schema."""
+    path = Path(path)
+    if not path.exists():
+        raise _missing(path)
+    try:
+        footer = pq.read_metadata(path)
+        schema = footer.schema.to_arrow_schema()
+    except Exception as exc:  # pyarrow raises several types for damaged files
+        raise _damaged(path, exc) from exc
+    _check_schema(path, schema, schema_name)
+    return footer.num_rows, _aemnist_metadata(schema)
 
 
 def metrics_frame(metrics: dict[str, float]) -> pd.DataFrame:

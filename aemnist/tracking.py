@@ -150,19 +150,16 @@ def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, Any]) ->
         client.log_batch(run_id, params=items[start : start + _PARAM_BATCH], synchronous=True)
 
 
-def start_study(
-    tracking_uri: str,
-    workdir: Path,
-    run_name: str,
-    params: Mapping[str, Any],
-    tags: Mapping[str, str],
-) -> TrackingContext:
-    """Open the study's parent run (parameters: the whole resolved config)."""
+def open_store(tracking_uri: str, workdir: Path) -> str:
+    """Check that the tracking store answers and holds the study's experiment (creating the
+    embedded database, or migrating it, on first use); return the experiment's id.
+
+    MLflow keeps the opened store for the process: `aemnist run` calls this while its
+    temporary Prefect server starts, and the study's parent run opens without that wait."""
     check_reachable(tracking_uri)
-    client = MlflowClient(tracking_uri)
     try:
-        experiment_id = _experiment_id(
-            client,
+        return _experiment_id(
+            MlflowClient(tracking_uri),
             EXPERIMENT,
             None if tracking_uri.startswith("http") else artifact_root(workdir),
         )
@@ -171,6 +168,18 @@ def start_study(
             f"cannot open the MLflow store {tracking_uri} ({exc}); check {TRACKING_ENV} "
             f"or that the work dir {workdir} is writable"
         ) from exc
+
+
+def start_study(
+    tracking_uri: str,
+    workdir: Path,
+    run_name: str,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+) -> TrackingContext:
+    """Open the study's parent run (parameters: the whole resolved config)."""
+    experiment_id = open_store(tracking_uri, workdir)
+    client = MlflowClient(tracking_uri)
     run = client.create_run(experiment_id, tags={**tags, **_process_tags()}, run_name=run_name)
     _log_params(client, run.info.run_id, params)
     return TrackingContext(tracking_uri, experiment_id, run.info.run_id)

@@ -20,8 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from aemnist.tracking import embedded_tracking_uri
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = Path("deployments") / "prefect.yaml"
 WORK_POOL = "aemnist"
@@ -174,6 +172,8 @@ def start_mlflow_server(
     artifact folder that `aemnist run` uses without a server, so local and deployed runs
     show side by side. Artifacts are served through the server (mlflow-artifacts:/), so
     workers that do not share this file system can log them."""
+    from aemnist.tracking import embedded_tracking_uri  # imports MLflow: only when needed
+
     url = f"http://{_client_host(host)}:{port}"
     command = [
         sys.executable, "-m", "mlflow", "server",

@@ -7,6 +7,7 @@ config fields and code are unchanged and whose files are intact, and recomputes 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,21 @@ def collect(ctx: Any, futures: dict[str, PrefectFuture], stage: str) -> list[Any
     results or name the tasks that failed."""
     logger = get_run_logger()
     total = len(futures)
-    progress = create_progress_artifact(0.0, description=f"{stage}: tasks finished (%)")
+    # A stage of several tasks shows its progress in the Prefect UI; each update is a round
+    # trip to the server, so at most one a second (and the last): cached tasks finish by
+    # the dozen within milliseconds.
+    progress = (
+        create_progress_artifact(0.0, description=f"{stage}: tasks finished (%)")
+        if total > 1
+        else None
+    )
+    shown = time.monotonic()
     for done, future in enumerate(as_completed(list(futures.values())), start=1):
         future.wait()  # as_completed can yield before the future's final state is readable
         logger.info("[%s] %d/%d tasks finished", stage, done, total)
-        update_progress_artifact(progress, 100.0 * done / total)
+        if progress is not None and (done == total or time.monotonic() - shown >= 1.0):
+            update_progress_artifact(progress, 100.0 * done / total)
+            shown = time.monotonic()
     failed = [label for label, future in futures.items() if not future.state.is_completed()]
     if failed:
         raise StageFailed(

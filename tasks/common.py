@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,8 @@ def prefect_tags() -> dict[str, str]:
 def dask_worker() -> str | None:
     """The address of the Dask worker running this task (None outside Dask): which machine
     and process trained a fold shows on its MLflow run."""
+    if "distributed" not in sys.modules:  # no Dask in this process; importing it costs 0.4 s
+        return None
     from distributed import get_worker
 
     try:

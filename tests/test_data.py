@@ -24,7 +24,7 @@ from aemnist.data import (
     mnist_paths,
     parse_idx,
 )
-from aemnist.schemas import TableRef, read_table
+from aemnist.schemas import TableRef, file_sha256, hash_record, read_table
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -176,6 +176,27 @@ def test_second_download_with_verified_tables_fetches_nothing(
     assert fetched is False
     assert refs == mnist_tables
     assert {p.name: p.stat().st_mtime_ns for p in data_dir.iterdir()} == mtimes
+
+
+@pytest.mark.parametrize("damage", ["one byte changed", "hash record removed"])
+def test_a_table_that_no_longer_matches_its_recorded_hash_is_fetched_again(
+    mnist_tables: dict[str, TableRef], mnist_mirror: Path, tmp_path: Path, damage: str
+) -> None:
+    # Only the footer of a verified table is read: the recorded SHA-256 must catch the rest.
+    data_dir = tmp_path / "data"
+    shutil.copytree(Path(mnist_tables["train"].path).parent, data_dir)
+    train = mnist_paths(data_dir)["train"]
+    if damage == "one byte changed":
+        raw = bytearray(train.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF  # inside a data page: the footer still reads
+        train.write_bytes(bytes(raw))
+    else:
+        hash_record(train).unlink()
+
+    refs, fetched = download_mnist(data_dir, mnist_mirror)
+
+    assert fetched is True
+    assert refs["train"].sha256 == mnist_tables["train"].sha256 == file_sha256(train)
 
 
 # --- bad input leaves earlier tables alone ------------------------------------------------

@@ -17,6 +17,7 @@ from aemnist.schemas import (
     atomic_write_bytes,
     read_frame,
     read_table,
+    table_footer,
     table_metadata,
     write_table,
 )
@@ -96,6 +97,31 @@ def test_reading_a_truncated_parquet_raises_table_error_naming_the_file(tmp_path
 
     with pytest.raises(TableError, match=re.escape(str(path)) + ".*damaged"):
         read_table(path, "grid_history")
+
+
+def test_table_footer_gives_rows_and_metadata_of_a_table_checked_against_its_schema(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "history.parquet"
+    write_table(grid_history(), path, "grid_history", metadata={"source": "test"})
+
+    rows, meta = table_footer(path, "grid_history")
+
+    assert rows == 2
+    assert meta["source"] == "test" and meta["schema"] == "grid_history"
+    with pytest.raises(TableError, match=re.escape(str(path)) + ".*folds schema"):
+        table_footer(path, "folds")
+
+
+def test_table_footer_of_a_truncated_parquet_raises_table_error_naming_the_file(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "history.parquet"
+    write_table(grid_history(), path, "grid_history")
+    path.write_bytes(path.read_bytes()[:-10])
+
+    with pytest.raises(TableError, match=re.escape(str(path)) + ".*damaged"):
+        table_footer(path, "grid_history")
 
 
 def test_reading_a_missing_table_raises_table_error_naming_the_file(tmp_path: Path) -> None:
