@@ -345,7 +345,9 @@ class _TemporaryApi:
     whole process, and the worker processes it starts (Dask's), is pointed at it: they would
     otherwise each start a temporary server of their own."""
 
-    PORT_IN_USE = 3  # uvicorn's exit code when the port was taken after we picked it
+    # uvicorn's exit code when it could not start: the port taken after we picked it (then
+    # one new port is tried), or a failed start-up (then it fails the same way again).
+    PORT_IN_USE = 3
 
     def __init__(self) -> None:
         self.process = self._launch()
@@ -390,12 +392,20 @@ class _TemporaryApi:
     def _await(self) -> None:
         """In a thread (it mostly sleeps): poll the server until it answers, then send the
         request every client opens with, whose first answer takes the server most of a
-        second (measured 0.75 s against 0.01 s after)."""
+        second (measured 0.75 s against 0.01 s after). Errors go to ``ready()``."""
+        try:
+            self._poll()
+        except Exception as exc:  # raised in the main thread by ready()
+            self.error = StackError(f"the temporary Prefect server could not start: {exc}")
+
+    def _poll(self) -> None:
         timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
         deadline = time.monotonic() + timeout
+        relaunches = 0
         while not self._answers("/health"):
             code = self.process.poll()
-            if code == self.PORT_IN_USE:
+            if code == self.PORT_IN_USE and relaunches < 1:
+                relaunches += 1
                 self.process = self._launch()
             elif code is not None:
                 self.error = StackError(

@@ -556,3 +556,21 @@ def test_dask_address_without_a_scheduler_fails_before_any_work(tmp_path: Path) 
     assert result.returncode == 2
     assert f"no Dask scheduler answers at {address}" in result.stderr
     assert not (tmp_path / "w" / "mlflow.db").exists()
+
+
+def test_a_temporary_prefect_server_that_cannot_start_gives_one_clear_error(
+    tmp_path: Path,
+) -> None:
+    # Its database cannot be created: a folder of that name is a regular file.
+    (tmp_path / "not-a-folder").write_text("")
+    database = f"sqlite+aiosqlite:///{tmp_path / 'not-a-folder' / 'prefect.db'}"
+    result = run_cli(
+        ["run", "--profile", "smoke", "--workdir", str(tmp_path / "w")],
+        home=tmp_path / "home",
+        env={"PREFECT_API_DATABASE_CONNECTION_URL": database},
+        timeout=180,
+    )
+    assert result.returncode == 2
+    assert "aemnist: error: the temporary Prefect server exited with code 3" in result.stderr
+    assert "start one with `aemnist server`" in result.stderr
+    assert not (tmp_path / "w" / "grid").exists()  # no task ran

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -58,6 +59,19 @@ def test_smoke_study_prints_the_report_path_and_how_to_open_the_ui(smoke_study) 
     n_grid = len(grid_names())
     assert f"[grid] {n_grid}/{n_grid} tasks finished" in result.stdout + result.stderr
     assert "[sweep] 2/2 tasks finished" in result.stdout + result.stderr
+
+
+def test_the_temporary_prefect_server_stops_with_the_run_having_logged_no_error(
+    smoke_study,
+) -> None:
+    _, result, _, _ = smoke_study
+    output = result.stdout + result.stderr
+    api = re.search(r"View at http://127\.0\.0\.1:(\d+)/", output)
+    assert api, "the flow run's UI link (on the temporary server) is not in the output"
+    with pytest.raises(OSError):  # nothing listens there any more
+        socket.create_connection(("127.0.0.1", int(api.group(1))), timeout=2).close()
+    # Stopped only once idle: a stop mid-write makes its task-run recorder log an error.
+    assert "ERROR" not in output
 
 
 def test_parent_run_holds_the_resolved_config_and_links_to_prefect(smoke_study) -> None:
