@@ -293,11 +293,6 @@ def _aemnist_metadata(schema: pa.Schema) -> dict[str, str]:
     }
 
 
-def table_metadata(path: Path | str) -> dict[str, str]:
-    """The ``aemnist.*`` key-value metadata of a parquet file (without the prefix)."""
-    return _aemnist_metadata(pq.read_schema(path))
-
-
 def table_footer(path: Path | str, schema_name: str) -> tuple[int, dict[str, str]]:
     """A stage table's row count and ``aemnist.*`` metadata, from its footer alone (no data
     page is decoded), after checking its schema."""

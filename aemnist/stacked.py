@@ -24,10 +24,6 @@ from aemnist.training import FUSED_ADAM, EpochResult, evaluate
 _UPSAMPLE = {"stride": 2, "padding": 1, "output_padding": 1}
 
 
-def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(list(tensors), 0)
-
-
 class StackedAutoencoders(nn.Module):
     """``models`` side by side: input (batch, n_models, 28, 28), output the same shape,
     model k reading and writing channel k. The models' own parameters are used (joined
@@ -43,7 +39,7 @@ class StackedAutoencoders(nn.Module):
     def _joined(self, pick: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``pick`` of every model, weights and biases joined along the channels."""
         layers = [m.get_submodule(pick) for m in self.models]
-        return _cat([a.weight for a in layers]), _cat([a.bias for a in layers])
+        return torch.cat([a.weight for a in layers]), torch.cat([a.bias for a in layers])
 
     def _conv(self, x: torch.Tensor, pick: str, **kw: int) -> torch.Tensor:
         return F.conv2d(x, *self._joined(pick), groups=len(self.models), **kw)
