@@ -38,7 +38,7 @@ SCORED_ON = {"test": "test_loss", "validation": "val_loss"}
 
 
 def _epoch_logger(
-    run: TaskRun, label: str, eval_name: str, epochs: int
+    run: TaskRun, label: str, eval_name: str, epochs: int, stage: str, fault_key: dict[str, Any]
 ) -> Callable[[EpochResult], None]:
     logger = get_run_logger()
 
@@ -58,6 +58,9 @@ def _epoch_logger(
             eval_name,
             result.eval_loss,
         )
+        # After the epoch's checkpoint is saved and logged: a drill can fail or pause here.
+        if not result.resumed:
+            maybe_fail(stage, epoch=result.epoch, **fault_key)
 
     return on_epoch
 
@@ -112,7 +115,10 @@ def grid_fold(
             batch_size=training.batch_size,
             seed=seed,
             eval_batch_size=training.eval_batch_size,
-            on_epoch=_epoch_logger(run, label, "val_loss", epochs),
+            on_epoch=_epoch_logger(
+                run, label, "val_loss", epochs, "grid",
+                {"lr": lr, "weight_decay": weight_decay, "fold": fold},
+            ),
             checkpoint=checkpoint,
             resume_key=current_key(),
             device=device,
@@ -182,7 +188,9 @@ def _trained_at_size(
             selection=selection,
             validation_images=validation_images,
             eval_batch_size=training.eval_batch_size,
-            on_epoch=_epoch_logger(run, label, SCORED_ON[selection], epochs),
+            on_epoch=_epoch_logger(
+                run, label, SCORED_ON[selection], epochs, stage, {"size": size}
+            ),
             checkpoint=checkpoint,
             resume_key=current_key(),
             device=device,
