@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from aemnist.model import Autoencoder
 from aemnist.runtime import prepare_device
-from aemnist.training import FUSED_ADAM, EpochResult, evaluate
+from aemnist.training import DEFAULT_OPTIONS, EpochResult, TrainingOptions, evaluate
 
 # The last two transposed convolutions of the decoder (aemnist.model.Decoder).
 _UPSAMPLE = {"stride": 2, "padding": 1, "output_padding": 1}
@@ -85,13 +85,15 @@ def fit_stacked(
     batch_size: int,
     eval_batch_size: int = 2048,
     device: str = "cpu",
+    options: TrainingOptions = DEFAULT_OPTIONS,
 ) -> list[list[EpochResult]]:
     """Train ``models`` in place, at once: model k on ``images[train_index[k]]`` with Adam
     at ``lrs[k]`` and ``weight_decays[k]``, its batches drawn as ``fit`` draws them from
     ``seeds[k]``; evaluated on ``eval_images[k]`` after each epoch. Every model must see
     the same number of training images (one step count). On ``device`` "cuda" the images
-    are copied there once and batches gathered there. Returns each model's history; the
-    models are left on the CPU."""
+    are copied there once and batches gathered there. Of ``options`` only ``fused_adam``
+    applies (the stacked step is neither captured nor channels-last). Returns each model's
+    history; the models are left on the CPU."""
     n = {int(index.shape[0]) for index in train_index}
     if len(n) != 1:
         raise ValueError(f"stacked models must train on equally many images, got {sorted(n)}")
@@ -104,7 +106,7 @@ def fit_stacked(
             {"params": list(m.parameters()), "lr": lr, "weight_decay": wd}
             for m, lr, wd in zip(models, lrs, weight_decays, strict=True)
         ],
-        fused=FUSED_ADAM,
+        fused=options.fused_adam,
     )
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     flat = images.to(dev).reshape(images.shape[0], -1)

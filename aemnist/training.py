@@ -11,7 +11,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +36,37 @@ class EpochResult:
 
 
 EpochCallback = Callable[[EpochResult], None]
-# Measured in bench/throughput.py on two CPU cores: channels-last weights and images and
-# torch's fused Adam step (CPU and CUDA) train this model about 1.3x faster than the defaults.
-# Module constants so that the bench can time each against the plain loop.
-CHANNELS_LAST = True
-FUSED_ADAM = True
-# On CUDA, one training step (gather, forward, backward, Adam) is captured as a CUDA graph and
-# replayed: this small model is bound by kernel launches, not arithmetic. Channels-last, the
-# CPU's gain, measured 20 % slower there (bench/gpu.py on an H200).
-CUDA_GRAPHS = True
-CUDA_CHANNELS_LAST = False
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How ``fit`` runs its arithmetic: speed switches, each a choice of kernels. They never
+    change the mathematics, but they do change the float rounding, which training amplifies
+    into other numbers: results are those of the options they were trained with. The bench
+    scripts time each switch against the plain loop by passing other values."""
+
+    # Measured in bench/throughput.py on two CPU cores: channels-last weights and images and
+    # torch's fused Adam step (CPU and CUDA) train this model about 1.3x faster than the
+    # defaults.
+    channels_last: bool = True
+    fused_adam: bool = True
+    # On CUDA, one training step (gather, forward, backward, Adam) is captured as a CUDA graph
+    # and replayed: this small model is bound by kernel launches, not arithmetic. Channels-last,
+    # the CPU's gain, measured 20 % slower there (bench/gpu.py on an H200). A replayed graph
+    # computes exactly what the eager step does (bench/gpu.py), so this one switch is left
+    # out of the cache key (aemnist.caching.fingerprint reads metadata "key").
+    cuda_graphs: bool = field(default=True, metadata={"key": False})
+    cuda_channels_last: bool = False
+
+
+DEFAULT_OPTIONS = TrainingOptions()
+
+
+def training_layout(device: str, options: TrainingOptions = DEFAULT_OPTIONS) -> torch.memory_format:
+    """The memory layout ``fit`` trains and evaluates in on ``device`` under ``options``."""
+    cuda = torch.device(device).type == "cuda"
+    channels_last = options.cuda_channels_last if cuda else options.channels_last
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def task_seed(seed: int, *key: object) -> int:
@@ -180,6 +201,88 @@ def _pin_lr(optimizer: torch.optim.Optimizer, lr: torch.Tensor | None) -> None:
             group["lr"] = lr
 
 
+class _TrainingStep:
+    """``step(index)``: one Adam step on the images ``index`` names, its mean loss times its
+    batch size added to ``total`` on the device. A full batch replays the captured CUDA graph
+    where there is one; the eager step takes the rest (every batch on the CPU, the last short
+    batch of an epoch on CUDA)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        images: torch.Tensor,
+        batch_size: int,
+        total: torch.Tensor,
+        capture: bool,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.images = images
+        self.batch_size = batch_size
+        self.total = total
+        self.graph = _GraphStep(model, optimizer, images, batch_size, total) if capture else None
+
+    def __call__(self, index: torch.Tensor) -> None:
+        if self.graph is not None and index.shape[0] == self.batch_size:
+            self.graph(index)  # adds to total inside the graph
+            return
+        loss = _eager_step(
+            self.model, self.optimizer, self.images[index], keep_grads=self.graph is not None
+        )
+        self.total.add_(loss.double() * index.shape[0])
+
+
+def _resume(
+    checkpoint: Path | None,
+    resume_key: str | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None,
+    generator: torch.Generator,
+) -> list[EpochResult]:
+    """The finished epochs of ``checkpoint`` if it was written under ``resume_key``, with the
+    training state it holds put back into ``model``, ``optimizer``, ``scheduler`` and
+    ``generator``; none (and nothing touched) otherwise."""
+    if checkpoint is None or resume_key is None or not checkpoint.exists():
+        return []
+    state = load_training_state(checkpoint)
+    if state is None or state.get("key") != resume_key:
+        return []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    return [
+        EpochResult(int(epoch), train_loss, eval_loss, epoch_lr, resumed=True)
+        for epoch, train_loss, eval_loss, epoch_lr in state["history"]
+    ]
+
+
+def _save_checkpoint(
+    checkpoint: Path,
+    resume_key: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None,
+    generator: torch.Generator,
+    history: list[EpochResult],
+) -> None:
+    """The whole training state after the last epoch of ``history``, as ``_resume`` reads it."""
+    save_training_state(
+        checkpoint,
+        {
+            "key": resume_key,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "generator": generator.get_state(),
+            "history": [[h.epoch, h.train_loss, h.eval_loss, h.lr] for h in history],
+        },
+    )
+
+
 def fit(
     model: Autoencoder,
     train_images: torch.Tensor,
@@ -196,6 +299,7 @@ def fit(
     checkpoint: Path | None = None,
     resume_key: str | None = None,
     device: str = "cpu",
+    options: TrainingOptions = DEFAULT_OPTIONS,
 ) -> list[EpochResult]:
     """Train ``model`` in place; evaluate on ``eval_images`` after each epoch.
 
@@ -209,14 +313,16 @@ def fit(
 
     On ``device`` "cuda" both image sets are copied to the GPU once and every batch is
     gathered there; the shuffling order is drawn on the CPU as before (one copy per epoch).
-    The model is returned on the CPU either way.
+    The model is returned on the CPU either way. ``options`` picks the kernels.
+
+    The images must have the model's dtype: float32 in the study; the tests train in float64
+    to compare two computations beyond float32's rounding.
     """
     dev = torch.device(device)
     prepare_device(dev.type)
     with _task_stream(dev):
-        graphs = dev.type == "cuda" and CUDA_GRAPHS
-        channels_last = CUDA_CHANNELS_LAST if dev.type == "cuda" else CHANNELS_LAST
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        graphs = dev.type == "cuda" and options.cuda_graphs
+        memory_format = training_layout(device, options)
         model.to(dev, memory_format=memory_format)
         train_images = train_images.to(dev).contiguous(memory_format=memory_format)
         eval_images = eval_images.to(dev).contiguous(memory_format=memory_format)
@@ -227,7 +333,7 @@ def fit(
             model.parameters(),
             lr=lr_tensor if lr_tensor is not None else lr,
             weight_decay=weight_decay,
-            fused=FUSED_ADAM,
+            fused=options.fused_adam,
             capturable=graphs,
         )
         scheduler = (
@@ -236,41 +342,23 @@ def fit(
             else None
         )
         generator = torch.Generator().manual_seed(seed)
-        history: list[EpochResult] = []
-        state = load_training_state(checkpoint) if checkpoint and checkpoint.exists() else None
-        if state is not None and state.get("key") == resume_key and resume_key is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            generator.set_state(state["generator"])
-            for epoch, train_loss, eval_loss, epoch_lr in state["history"]:
-                result = EpochResult(int(epoch), train_loss, eval_loss, epoch_lr, resumed=True)
-                history.append(result)
-                if on_epoch is not None:
-                    on_epoch(result)
+        history = _resume(checkpoint, resume_key, model, optimizer, scheduler, generator)
+        if on_epoch is not None:
+            for result in history:
+                on_epoch(result)
         _pin_lr(optimizer, lr_tensor)
         n = train_images.shape[0]
         # Losses are summed on the device: one host sync per epoch, not one per batch.
         total = torch.zeros((), dtype=torch.float64, device=dev)
-        step = (
-            _GraphStep(model, optimizer, train_images, batch_size, total)
-            if graphs and len(history) < epochs and n >= batch_size
-            else None
-        )
+        capture = graphs and len(history) < epochs and n >= batch_size
+        step = _TrainingStep(model, optimizer, train_images, batch_size, total, capture)
         for epoch in range(len(history) + 1, epochs + 1):
             model.train()
             current_lr = float(optimizer.param_groups[0]["lr"])
             order = torch.randperm(n, generator=generator).to(dev)
             total.zero_()
             for start in range(0, n, batch_size):
-                index = order[start : start + batch_size]
-                if step is not None and index.shape[0] == batch_size:
-                    step(index)
-                    continue
-                batch = train_images[index]
-                loss = _eager_step(model, optimizer, batch, keep_grads=step is not None)
-                total.add_(loss.double() * index.shape[0])
+                step(order[start : start + batch_size])
             train_loss = float(total) / n
             eval_loss = evaluate(model, eval_images, eval_batch_size)
             if scheduler is not None:
@@ -279,16 +367,8 @@ def fit(
             result = EpochResult(epoch, train_loss, eval_loss, current_lr)
             history.append(result)
             if checkpoint is not None and resume_key is not None:
-                save_training_state(
-                    checkpoint,
-                    {
-                        "key": resume_key,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                        "generator": generator.get_state(),
-                        "history": [[h.epoch, h.train_loss, h.eval_loss, h.lr] for h in history],
-                    },
+                _save_checkpoint(
+                    checkpoint, resume_key, model, optimizer, scheduler, generator, history
                 )
             if on_epoch is not None:
                 on_epoch(result)
@@ -314,6 +394,7 @@ def train_fold(
     checkpoint: Path | None = None,
     resume_key: str | None = None,
     device: str = "cpu",
+    options: TrainingOptions = DEFAULT_OPTIONS,
 ) -> pd.DataFrame:
     """One cell of the grid search: train on every fold but ``fold``, validate on ``fold``.
 
@@ -338,6 +419,7 @@ def train_fold(
         checkpoint=checkpoint,
         resume_key=resume_key,
         device=device,
+        options=options,
     )
     return pd.DataFrame(
         {
@@ -371,6 +453,7 @@ def train_size(
     checkpoint: Path | None = None,
     resume_key: str | None = None,
     device: str = "cpu",
+    options: TrainingOptions = DEFAULT_OPTIONS,
 ) -> tuple[Autoencoder, pd.DataFrame]:
     """Train at encoding ``size``, scoring each epoch on the set ``selection`` names: the
     test set, on the whole training set (the seed's way), or ``validation_images`` held out
@@ -400,6 +483,7 @@ def train_size(
         checkpoint=checkpoint,
         resume_key=resume_key,
         device=device,
+        options=options,
     )
     model.eval()
     scores = [h.eval_loss for h in history]

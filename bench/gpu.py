@@ -40,7 +40,6 @@ import pandas as pd
 import torch
 from common import machine, mirror, mnist, result
 
-import aemnist.training
 from aemnist import plan
 from aemnist.config import StudyConfig, load_config, run_overrides, save_config
 from aemnist.corruption import corruption_curves, examples_frame, levels_of
@@ -51,13 +50,17 @@ from aemnist.model import build_autoencoder, save_checkpoint
 from aemnist.runtime import cpu_count, prepare_device, threads_per_task
 from aemnist.schemas import metrics_frame, read_frame, write_table
 from aemnist.summaries import grid_summary, sweep_summary
-from aemnist.training import evaluate, fit, train_fold, train_size
+from aemnist.training import DEFAULT_OPTIONS, TrainingOptions, evaluate, fit, train_fold, train_size
 
 FOLD_TRAIN, FOLD_VAL, SIZE, BATCH, LR, WD, SEED = 40000, 20000, 6, 256, 0.01, 5e-6, 0
 
 
 def fold_task(
-    images: torch.Tensor, device: str, epochs: int, seed: int = SEED
+    images: torch.Tensor,
+    device: str,
+    epochs: int,
+    seed: int = SEED,
+    options: TrainingOptions = DEFAULT_OPTIONS,
 ) -> tuple[list[float], list[float]]:
     """A grid-fold-sized fit; returns each epoch's training loss and its wall seconds."""
     marks = [time.perf_counter()]
@@ -72,13 +75,16 @@ def fold_task(
         seed=seed,
         device=device,
         on_epoch=lambda _: marks.append(time.perf_counter()),
+        options=options,
     )
     return [h.train_loss for h in history], [b - a for a, b in zip(marks, marks[1:], strict=False)]
 
 
-def variant(graphs: bool, channels_last: bool) -> None:
-    aemnist.training.CUDA_GRAPHS = graphs
-    aemnist.training.CUDA_CHANNELS_LAST = channels_last
+def cuda_variant(graphs: bool, channels_last: bool) -> TrainingOptions:
+    """The shipped options with the CUDA graph and CUDA channels-last as given."""
+    return dataclasses.replace(
+        DEFAULT_OPTIONS, cuda_graphs=graphs, cuda_channels_last=channels_last
+    )
 
 
 def cpu_baseline(images: torch.Tensor) -> tuple[float, float]:
@@ -90,17 +96,18 @@ def cpu_baseline(images: torch.Tensor) -> tuple[float, float]:
     return rate, losses[0]
 
 
-def throughput(images: torch.Tensor, cpu_loss: float) -> dict[str, Any]:
+def throughput(images: torch.Tensor, cpu_loss: float) -> tuple[dict[str, Any], TrainingOptions]:
+    """Each CUDA variant's images/s and losses, and the options the rest runs with."""
     out: dict[str, Any] = {"cpu_loss": cpu_loss, "variants": {}}
     for name, graphs, cl in (
         ("cuda, graph, contiguous (shipped)", True, False),
         ("cuda, graph, channels-last", True, True),
         ("cuda, eager, contiguous", False, False),
     ):
-        variant(graphs, cl)
+        options = cuda_variant(graphs, cl)
         try:
-            losses, seconds = fold_task(images, "cuda", 3)
-            again, _ = fold_task(images, "cuda", 3)
+            losses, seconds = fold_task(images, "cuda", 3, options=options)
+            again, _ = fold_task(images, "cuda", 3, options=options)
         except Exception:  # report and go on: the other variants still measure
             traceback.print_exc()
             print(f"{name}: FAILED")
@@ -115,23 +122,25 @@ def throughput(images: torch.Tensor, cpu_loss: float) -> dict[str, Any]:
         )
     found = out["variants"]
     # The rest runs as shipped, or without the graph if its capture failed here.
-    variant("cuda, graph, contiguous (shipped)" in found, False)
+    rest = cuda_variant("cuda, graph, contiguous (shipped)" in found, False)
     if len(found) >= 2 and "cuda, eager, contiguous" in found:
         ref = found["cuda, eager, contiguous"]["losses"]
         for name, v in found.items():
             worst = max(abs(a - b) / b for a, b in zip(v["losses"], ref, strict=True))
             print(f"largest relative loss difference, {name} vs eager: {worst:.1e}")
-    return out
+    return out, rest
 
 
-def concurrency(images: torch.Tensor, counts: list[int]) -> dict[int, float]:
+def concurrency(
+    images: torch.Tensor, counts: list[int], options: TrainingOptions
+) -> dict[int, float]:
     rates: dict[int, float] = {}
     for n in counts:
         torch.cuda.synchronize()
         started = time.perf_counter()
         try:
             with ThreadPoolExecutor(n) as pool:
-                list(pool.map(lambda i: fold_task(images, "cuda", 2, seed=i), range(n)))
+                list(pool.map(lambda i: fold_task(images, "cuda", 2, i, options), range(n)))
         except Exception:
             traceback.print_exc()
             print(f"{n} tasks at once: FAILED")
@@ -146,9 +155,15 @@ class PaperRun:
     table exists (an interrupted run continues), the work dir archived after each stage."""
 
     def __init__(
-        self, workdir: Path, workers: int, archive: Path | None, config: StudyConfig
+        self,
+        workdir: Path,
+        workers: int,
+        archive: Path | None,
+        config: StudyConfig,
+        options: TrainingOptions = DEFAULT_OPTIONS,
     ) -> None:
         self.layout = Layout(workdir.resolve())
+        self.options = options
         self.workers = workers
         self.archive = archive
         self.config = config
@@ -203,6 +218,7 @@ class PaperRun:
                     train, folds, fold, lr=lr, weight_decay=wd, size=c.grid.size,
                     epochs=c.grid.epochs, batch_size=c.training.batch_size, seed=c.seed,
                     eval_batch_size=c.training.eval_batch_size, device=device,
+                    options=self.options,
                 ),
                 path,
                 "grid_history",
@@ -233,6 +249,7 @@ class PaperRun:
                     selection=c.sweep.selection, validation_images=c.sweep.validation_images,
                     batch_size=c.training.batch_size, seed=c.seed, stage=stage, repeat=repeat,
                     eval_batch_size=c.training.eval_batch_size, device=device,
+                    options=self.options,
                 )  # fmt: skip
                 if final:
                     finish_final(layout, model, test, c, lr, wd, size, device, repeat)
@@ -240,9 +257,10 @@ class PaperRun:
 
             return task
 
-        sweep = plan.sweep_labels(c)
-        self.stage("sweep", [size_task(size, "sweep", repeat) for _, size, repeat in sweep])
-        frames = [read_frame(layout.sweep_history(s, r), "sweep_history") for _, s, r in sweep]
+        repeats = range(c.sweep.repeats)  # one sweep task per size and seed, as the flow
+        sweep = [(size, repeat) for size in c.sweep.sizes for repeat in repeats]
+        self.stage("sweep", [size_task(size, "sweep", repeat) for size, repeat in sweep])
+        frames = [read_frame(layout.sweep_history(s, r), "sweep_history") for s, r in sweep]
         table2 = sweep_summary(pd.concat(frames, ignore_index=True), c.sweep.score_last)
         write_table(table2, layout.sweep_summary, "sweep_summary")
         best = int(table2.iloc[0]["size"])
@@ -250,8 +268,7 @@ class PaperRun:
         size = plan.final_size(c, best)
         # As the flow: a lone final task gets every core (the CPU's sums depend on it).
         torch.set_num_threads(cpu_count() if c.sweep.repeats == 1 else self.threads)
-        finals = plan.final_labels(c, size)
-        self.stage("final", [size_task(size, "final", repeat) for _, repeat in finals])
+        self.stage("final", [size_task(size, "final", repeat) for repeat in repeats])
         torch.set_num_threads(self.threads)
         self.stage(
             "evaluation",
@@ -295,7 +312,7 @@ def evaluations(layout: Layout, test: ImageSet, c: StudyConfig, device: str, kin
         write_table(table, layout.embedding, "embedding")
 
 
-def verify(layout: Layout, c: StudyConfig, n: int) -> None:
+def verify(layout: Layout, c: StudyConfig, n: int, options: TrainingOptions) -> None:
     """Same seed and device, same tables: re-train ``n`` grid cells two at a time and compare
     them with the paper run's."""
     train = load_images(layout.train_table, c.data.train_limit)
@@ -309,6 +326,7 @@ def verify(layout: Layout, c: StudyConfig, n: int) -> None:
             train, folds, fold, lr=lr, weight_decay=wd, size=c.grid.size, epochs=c.grid.epochs,
             batch_size=c.training.batch_size, seed=c.seed,
             eval_batch_size=c.training.eval_batch_size, device=c.runtime.device,
+            options=options,
         )  # fmt: skip
         stored = read_frame(layout.grid_history(lr, wd, fold), "grid_history")
         return history.equals(stored.astype(history.dtypes.to_dict()))
@@ -348,9 +366,10 @@ def main() -> None:
     images = mnist(train=True).images
     best_n, best_rate = args.workers or 4, 0.0
     cpu_rate, cpu_loss = cpu_baseline(images)
+    options = DEFAULT_OPTIONS
     if not args.skip_measure:
-        throughput(images, cpu_loss)
-        rates = concurrency(images, [int(n) for n in args.concurrency.split(",")])
+        _, options = throughput(images, cpu_loss)
+        rates = concurrency(images, [int(n) for n in args.concurrency.split(",")], options)
         if rates:
             best_n, best_rate = max(rates.items(), key=lambda item: item[1])
             best_n = args.workers or best_n
@@ -362,14 +381,14 @@ def main() -> None:
             config, runtime=dataclasses.replace(config.runtime, gpu_concurrency=best_n)
         )
         print(f"paper profile on cuda, {best_n} tasks at once, work dir {args.paper}", flush=True)
-        run = PaperRun(args.paper, best_n, args.archive, config)
+        run = PaperRun(args.paper, best_n, args.archive, config, options)
         wall = run.run()
         print("stage walls: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.walls.items()))
         print(f"paper profile: {wall:.1f} s ({wall / 60:.1f} min)")
         # The CPU's minutes for the same 119.4 M training image-steps at its measured rate.
         cpu_minutes = 119.4e6 / cpu_rate / 60
         if args.verify:
-            verify(run.layout, config, args.verify)
+            verify(run.layout, config, args.verify, options)
         result("gpu-paper-profile", wall / 60, "min", cpu_minutes)
 
 
