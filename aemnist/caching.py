@@ -1,43 +1,96 @@
 """Content-addressed keys of stage results: what determines a task's output.
 
-A key hashes the stage's name, the config fields the task uses, the SHA-256 of its input
-tables and the source of the library modules its computation runs. Two runs with the same
-key produce the same tables, so the second can reuse the first's.
+A key hashes the stage's name, its job (every field: config values, the SHA-256 of its input
+tables, the device, torch threads and training options), the source of the library code its
+computation runs and the torch version. Two runs with the same key produce the same tables
+(on the same machine), so the second can reuse the first's.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from aemnist.layout import Layout
+from aemnist.plan import STAGES
 from aemnist.schemas import TableRef
 
 _LIB = Path(__file__).parent
+_PACKAGE = _LIB.name
 
-# The library modules whose code decides each stage's output (its "code version").
-STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "folds": ("data", "schemas"),
-    "grid": ("data", "model", "training", "schemas"),
-    "grid-summary": ("summaries", "schemas"),
-    "sweep": ("data", "model", "training", "schemas"),
-    "sweep-summary": ("summaries", "schemas"),
-    "final": ("data", "model", "training", "schemas"),
-    "corruption": ("data", "model", "corruption", "schemas"),
-    "embedding": ("data", "model", "embedding", "schemas"),
-    "report": ("report", "plots", "reference", "schemas"),
-}
+
+def module_source(module: str) -> bytes:
+    """The source of ``aemnist.X`` (``module``); one place to read it, so a test can show
+    what editing a module does to the keys."""
+    return (_LIB / f"{module.removeprefix(_PACKAGE + '.')}.py").read_bytes()
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (imports that never run)."""
+    out: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        for child in ast.iter_child_nodes(node):
+            test = child.test if isinstance(child, ast.If) else None
+            if isinstance(test, ast.Name) and test.id == "TYPE_CHECKING":
+                todo.extend(child.orelse)
+            else:
+                todo.append(child)
+    return out
+
+
+def _imported(module: str) -> set[str]:
+    """The aemnist modules ``module`` imports, anywhere in its body (imports inside functions
+    count: they run when the function does)."""
+    found: set[str] = set()
+    for node in _runtime_nodes(ast.parse(module_source(module))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            # `from aemnist import plots` names a module; `from aemnist.x import y` names x.
+            if node.module == _PACKAGE:
+                names = [f"{_PACKAGE}.{alias.name}" for alias in node.names]
+            else:
+                names = [node.module]
+        else:
+            continue
+        found |= {name for name in names if name.startswith(_PACKAGE + ".")}
+    return {name for name in found if (_LIB / f"{name.split('.', 1)[1]}.py").exists()}
+
+
+def library_modules(stage: str) -> list[str]:
+    """Every aemnist module whose code a stage's computation can run: its library modules and
+    all they import, transitively."""
+    seen: set[str] = set()
+    todo = list(STAGES[stage].library)
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(_imported(module) - seen)
+    return sorted(seen)
+
+
+def _torch_version() -> str:
+    # From the installed metadata, not `import torch`: `aemnist status` and the key tests
+    # need no torch import for it.
+    return importlib.metadata.version("torch")
 
 
 @cache
 def code_version(stage: str) -> str:
-    digest = hashlib.sha256()
-    for module in STAGE_MODULES[stage]:
-        digest.update((_LIB / f"{module}.py").read_bytes())
+    digest = hashlib.sha256(f"torch {_torch_version()}\n".encode())
+    for module in library_modules(stage):
+        digest.update(f"{module}\n".encode())
+        digest.update(module_source(module))
     return digest.hexdigest()
 
 
@@ -50,7 +103,13 @@ def fingerprint(value: Any) -> Any:
     if isinstance(value, Layout):
         return {"workdir": str(value.root)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: fingerprint(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: fingerprint(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.metadata.get("key", True)  # a field marked key=False does not change numbers
+        }
+    if hasattr(value, "model_dump"):  # a pydantic model (the config's sections)
+        return fingerprint(value.model_dump())
     if isinstance(value, dict):
         return {str(k): fingerprint(v) for k, v in sorted(value.items())}
     if isinstance(value, (list, tuple)):
@@ -64,7 +123,7 @@ def fingerprint(value: Any) -> Any:
     raise TypeError(f"cannot fingerprint a {type(value).__name__} for a cache key")
 
 
-def stage_key(stage: str, inputs: dict[str, Any]) -> str:
-    payload = {"stage": stage, "code": code_version(stage), "inputs": fingerprint(inputs)}
+def stage_key(stage: str, job: Any) -> str:
+    payload = {"stage": stage, "code": code_version(stage), "job": fingerprint(job)}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return f"{stage}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"

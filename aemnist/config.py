@@ -2,24 +2,52 @@
 
 A profile is a TOML file in ``aemnist/profiles``; a user file and CLI flags override any
 field. Everything is validated before any work starts, and every error names the field.
+
+The sections are frozen pydantic models: the types, ranges and allowed values live on the
+fields (so ``config_json_schema`` documents them), the rules that tie fields together in
+validators. A pydantic ``ValidationError`` never escapes this module: ``from_dict`` turns its
+first error into one ``ConfigError`` that starts with the dotted field name.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
-PROFILES = ("smoke", "quick", "paper")
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+Profile = Literal["smoke", "quick", "paper"]
+Device = Literal["auto", "cpu", "cuda"]
+Selection = Literal["test", "validation"]
+
+# The Literal types are the single source of the allowed values; the tuples are for callers
+# (argparse choices, messages).
+PROFILES: tuple[str, ...] = get_args(Profile)
 # The environment variable naming a folder or URL with the four MNIST files.
 MIRROR_ENV = "AEMNIST_MNIST_MIRROR"
-DEVICES = ("auto", "cpu", "cuda")
-SELECTIONS = ("test", "validation")
+DEVICES: tuple[str, ...] = get_args(Device)
+SELECTIONS: tuple[str, ...] = get_args(Selection)
+
+MNIST_TRAIN = 60000
+MNIST_TEST = 10000
+# numpy's and scikit-learn's random_state, and so the folds and t-SNE, take seeds below 2**32;
+# a larger one would pass here and fail half a minute into the run.
+SEED_MAX = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -30,97 +58,252 @@ class DeviceError(ConfigError):
     """runtime.device names a device this machine cannot use; the message says what to run."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    train_limit: int = 0  # 0 = all 60000 training images
-    test_limit: int = 0  # 0 = all 10000 test images
+def _rule(field: str, message: str) -> PydanticCustomError:
+    """A cross-field rule's error. ``field`` is relative to the model whose validator raises it
+    (pydantic locates a model validator's error at the model, not at the field it is about)."""
+    return PydanticCustomError("config_rule", "{message}", {"field": field, "message": message})
 
 
-@dataclass(frozen=True)
-class TrainingConfig:
-    batch_size: int = 256
-    eval_batch_size: int = 2048
+def _as_tuple(value: Any) -> Any:
+    # TOML and JSON give arrays as lists and strict mode takes only tuples for a tuple field;
+    # anything else (a bare number, a string) is left to fail as "must be a list".
+    return tuple(value) if isinstance(value, list) else value
 
 
-@dataclass(frozen=True)
-class GridConfig:
-    learning_rates: tuple[float, ...] = (5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4)
-    weight_decays: tuple[float, ...] = (5e-4, 1e-4, 5e-5, 1e-5, 5e-6, 1e-6)
-    folds: int = 3
-    epochs: int = 20
-    # The seed does not state the size used in the grid search; the laboratory default is 6.
-    size: int = 6
+def _unique(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(set(values)) != len(values):
+        raise PydanticCustomError(
+            "config_duplicates", "has duplicate values {values}", {"values": list(values)}
+        )
+    return values
 
 
-@dataclass(frozen=True)
-class SweepConfig:
-    sizes: tuple[int, ...] = (2, 4, 6, 8, 10, 12, 15, 20, 25, 30)
-    epochs: int = 50
-    plateau_patience: int = 5
-    score_last: int = 5  # a size's score is the mean loss of its last N epochs
-    # Which loss drives the scheduler and ranks the sizes (and the final model's scheduler):
-    # "test", as the seed did, or "validation", images held out of the training set, so
-    # that the test set gives the final number only.
-    selection: str = "test"
-    validation_images: int = 10000  # held out when selection = "validation"
-    # Seeds the sweep and the final model are trained with: Table 2 and the final test MSE
-    # then give mean ± standard deviation over them. Repeat 0 is the study's own seed.
-    repeats: int = 1
+# The list types. Bounds sit on the items, so the JSON schema shows them; an item out of its
+# bounds is still reported on the list (see _message), as the list is what the user wrote.
+# min_length goes right on the tuple: after a validator it would show as a string's minLength.
+_UNIQUE = Field(json_schema_extra={"uniqueItems": True})
+PositiveFloats = Annotated[
+    tuple[Annotated[float, Field(gt=0)], ...],
+    Field(min_length=1),
+    BeforeValidator(_as_tuple),
+    AfterValidator(_unique),
+    _UNIQUE,
+]
+NonNegativeFloats = Annotated[
+    tuple[Annotated[float, Field(ge=0)], ...],
+    Field(min_length=1),
+    BeforeValidator(_as_tuple),
+    AfterValidator(_unique),
+    _UNIQUE,
+]
+PositiveInts = Annotated[
+    tuple[Annotated[int, Field(gt=0)], ...],
+    Field(min_length=1),
+    BeforeValidator(_as_tuple),
+    AfterValidator(_unique),
+    _UNIQUE,
+]
+Levels = Annotated[
+    tuple[Annotated[float, Field(ge=0)], ...], Field(min_length=1), BeforeValidator(_as_tuple)
+]
+Fractions = Annotated[
+    tuple[Annotated[float, Field(ge=0, le=1)], ...],
+    Field(min_length=1),
+    BeforeValidator(_as_tuple),
+]
 
 
-@dataclass(frozen=True)
-class FinalConfig:
-    epochs: int = 50
-    # The encoding size of the final model: 0 = the sweep's best size. The paper profile
-    # fixes the seed's 20, so that its final test MSE compares with the seed's 0.0086.
-    size: int = 0
+class _Section(BaseModel):
+    # strict: a bool is not an int, a string is not a number, a float is not an int (an int is
+    # still taken for a float, and stored as a float, so that the hash sees 0.0 for a TOML 0).
+    # frozen: a config is a value (hashable, the key of cached tasks); extra: typos are errors.
+    # No inf or nan: no field means anything with them.
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid", allow_inf_nan=False)
 
 
-@dataclass(frozen=True)
-class CorruptionConfig:
-    noise_levels: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    occlusion_levels: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    n_images: int = 0  # 0 = the whole test set
-    # Clip noisy pixels to [0, 1]; the seed does not.
-    clip: bool = False
+class DataConfig(_Section):
+    """The MNIST images the study uses."""
+
+    train_limit: int = Field(
+        0, ge=0, le=MNIST_TRAIN, description="training images used; 0 = all 60000"
+    )
+    test_limit: int = Field(0, ge=0, le=MNIST_TEST, description="test images used; 0 = all 10000")
 
 
-@dataclass(frozen=True)
-class EmbeddingConfig:
-    n_images: int = 2000  # the test images sampled and mapped
-    perplexity: float = 30.0
-    knn: int = 5  # neighbours of the k-NN separation score
-    seed: int = -1  # of the sample and of t-SNE; -1 = the study's seed
+class TrainingConfig(_Section):
+    """Batch sizes of every training and evaluation."""
+
+    batch_size: int = Field(256, gt=0, description="training mini-batch size")
+    eval_batch_size: int = Field(2048, gt=0, description="batch size of the loss evaluations")
+
+
+class GridConfig(_Section):
+    """The learning rate x weight decay grid search, by k-fold cross-validation."""
+
+    learning_rates: PositiveFloats = Field(
+        (5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4), description="Adam learning rates searched"
+    )
+    weight_decays: NonNegativeFloats = Field(
+        (5e-4, 1e-4, 5e-5, 1e-5, 5e-6, 1e-6), description="Adam weight decays searched"
+    )
+    folds: int = Field(3, ge=2, description="cross-validation folds")
+    epochs: int = Field(20, ge=1, description="epochs of each fold's training")
+    size: int = Field(
+        6,
+        ge=1,
+        description="encoding size of the grid search's models; the seed does not state it, "
+        "the laboratory default is 6",
+    )
+
+
+class SweepConfig(_Section):
+    """The encoding-size sweep (Table 2)."""
+
+    sizes: PositiveInts = Field(
+        (2, 4, 6, 8, 10, 12, 15, 20, 25, 30), description="encoding sizes trained"
+    )
+    epochs: int = Field(50, ge=1, description="epochs of each size's training")
+    plateau_patience: int = Field(5, ge=0, description="ReduceLROnPlateau patience, in epochs")
+    score_last: int = Field(
+        5, ge=1, description="a size's score is the mean loss of its last N epochs"
+    )
+    selection: Selection = Field(
+        "test",
+        description="which loss drives the scheduler and ranks the sizes (and the final model's "
+        'scheduler): "test", as the seed did, or "validation", images held out of the training '
+        "set, so that the test set gives the final number only",
+    )
+    # Checked against the training images in StudyConfig, and only when it is used.
+    validation_images: int = Field(
+        10000,
+        description='training images held out when selection = "validation": from 10 to half '
+        "the training images",
+    )
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="seeds the sweep and the final model are trained with: Table 2 and the "
+        "final test MSE then give mean ± standard deviation over them; repeat 0 is the "
+        "study's own seed",
+    )
+
+
+class FinalConfig(_Section):
+    """The final model, trained on all the training images and scored on the test set."""
+
+    epochs: int = Field(50, ge=1, description="epochs of the final model's training")
+    size: int = Field(
+        0,
+        ge=0,
+        description="encoding size of the final model: 0 = the sweep's best size; the paper "
+        "profile fixes the seed's 20, so that its final test MSE compares with the seed's 0.0086",
+    )
+
+
+class CorruptionConfig(_Section):
+    """The robustness evaluation on noisy and occluded test images."""
+
+    noise_levels: Levels = Field(
+        (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+        description="Gaussian noise levels α: x + α·N(0, 1) per pixel",
+    )
+    occlusion_levels: Fractions = Field(
+        (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+        description="fractions of each image's pixels occluded (random mask and square patch), "
+        "from 0 to 1",
+    )
+    n_images: int = Field(0, ge=0, description="test images corrupted; 0 = the whole test set")
+    clip: bool = Field(False, description="clip noisy pixels to [0, 1]; the seed does not")
+
+
+class EmbeddingConfig(_Section):
+    """The t-SNE map of the final model's codes and its k-NN separation score."""
+
+    n_images: int = Field(2000, ge=10, description="the test images sampled and mapped")
+    perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity; below embedding.n_images")
+    knn: int = Field(5, ge=1, description="neighbours of the k-NN separation score")
+    seed: int = Field(
+        -1,
+        ge=-1,
+        le=SEED_MAX,
+        description="seed of the sample and of t-SNE; -1 = the study's seed",
+    )
 
     def seed_for(self, study_seed: int) -> int:
         return study_seed if self.seed < 0 else self.seed
 
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    # Parallel task slots for the grid and sweep fan-out on the CPU; 0 = one per CPU core.
-    workers: int = 0
-    # Where tensors live and models train: auto = cuda where torch sees a GPU, else cpu.
-    device: str = "auto"
-    # Training tasks sharing one GPU at a time, each on its own CUDA stream (bench/gpu.py).
-    gpu_concurrency: int = 8
+    @model_validator(mode="after")
+    def _perplexity_below_images(self) -> EmbeddingConfig:
+        # t-SNE needs more points than the perplexity (its effective number of neighbours).
+        if self.perplexity >= self.n_images:
+            raise _rule("perplexity", f"must be below embedding.n_images ({self.n_images})")
+        return self
 
 
-@dataclass(frozen=True)
-class StudyConfig:
-    profile: str = "paper"
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    grid: GridConfig = field(default_factory=GridConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    final: FinalConfig = field(default_factory=FinalConfig)
-    corruption: CorruptionConfig = field(default_factory=CorruptionConfig)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+class RuntimeConfig(_Section):
+    """Where and how parallel the compute runs; changes no number of the study's tables."""
+
+    workers: int = Field(
+        0,
+        ge=0,
+        description="parallel task slots for the grid and sweep fan-out on the CPU; "
+        "0 = one per CPU core",
+    )
+    device: Device = Field(
+        "auto",
+        description="where tensors live and models train: auto = cuda where torch sees a GPU, "
+        "else cpu",
+    )
+    gpu_concurrency: int = Field(
+        8,
+        ge=1,
+        description="training tasks sharing one GPU at a time, each on its own CUDA stream",
+    )
+
+
+class StudyConfig(_Section):
+    """The whole study: a profile with a user file and flags over it (aemnist/profiles)."""
+
+    profile: Profile = Field("paper", description="the profile the config starts from")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=SEED_MAX,
+        description="the study's seed (folds, initial weights, batches, samples); "
+        "numpy and torch take 0 to 2**32 - 1",
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
+    final: FinalConfig = Field(default_factory=FinalConfig)
+    corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _enough_training_images(self) -> StudyConfig:
+        n_train = self.data.train_limit or MNIST_TRAIN
+        if n_train < self.grid.folds * 10:
+            raise _rule(
+                "data.train_limit",
+                f"too few training images ({n_train}) for {self.grid.folds} folds",
+            )
+        # validation_images means nothing under selection = "test", so it is only checked
+        # when it is used (a profile may leave its default there).
+        sweep = self.sweep
+        if sweep.selection == "validation" and not 10 <= sweep.validation_images <= n_train // 2:
+            raise _rule(
+                "sweep.validation_images",
+                f"must be from 10 to half the training images ({n_train // 2}), "
+                f"got {sweep.validation_images}",
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        # Python mode, then tuples to lists: the JSON mode would write inf/nan as null and is
+        # not what the saved configs and the hash were made from.
+        return _plain(self.model_dump())
 
     def flat(self) -> dict[str, Any]:
         """Dotted field names to values, as logged to MLflow parameters."""
@@ -134,8 +317,16 @@ class StudyConfig:
         return out
 
     def config_hash(self) -> str:
+        # Over plain lists, ints and floats, in sorted keys: the same digest as the dataclass
+        # config gave, so earlier work dirs and MLflow runs keep their hash.
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def with_overrides(self, overrides: dict[str, Any]) -> StudyConfig:
+        """This config with ``overrides`` (nested like a TOML file) merged over it, validated
+        again. The frozen models' ``model_copy(update=...)`` would skip validation and replace
+        a whole section by a nested dict."""
+        return from_dict(merge(self.to_dict(), overrides))
 
 
 def _plain(value: Any) -> Any:
@@ -146,17 +337,9 @@ def _plain(value: Any) -> Any:
     return value
 
 
-_SECTION_TYPES: dict[str, type] = {
-    "data": DataConfig,
-    "training": TrainingConfig,
-    "grid": GridConfig,
-    "sweep": SweepConfig,
-    "final": FinalConfig,
-    "corruption": CorruptionConfig,
-    "embedding": EmbeddingConfig,
-    "runtime": RuntimeConfig,
-}
-_TOP_LEVEL = ("profile", "seed")
+def config_json_schema() -> dict[str, Any]:
+    """The JSON schema of a study config (a profile or a user file), field docs included."""
+    return StudyConfig.model_json_schema()
 
 
 def profile_path(name: str) -> Path:
@@ -223,149 +406,117 @@ def run_overrides(
 
 
 def from_dict(raw: dict[str, Any]) -> StudyConfig:
-    unknown = sorted(set(raw) - set(_TOP_LEVEL) - set(_SECTION_TYPES))
-    if unknown:
-        raise ConfigError(
-            f"{unknown[0]}: unknown config field; known top-level fields are "
-            f"{', '.join(list(_TOP_LEVEL) + list(_SECTION_TYPES))}"
-        )
-    sections: dict[str, Any] = {}
-    for name, cls in _SECTION_TYPES.items():
-        values = raw.get(name, {})
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name}: must be a table of fields, got {values!r}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        for key in values:
-            if key not in known:
-                raise ConfigError(
-                    f"{name}.{key}: unknown config field; {name} has {', '.join(known)}"
-                )
-        kwargs = {}
-        for key, value in values.items():
-            default = getattr(cls(), key)
-            kwargs[key] = _coerce(f"{name}.{key}", value, default)
-        sections[name] = cls(**kwargs)
-    profile = raw.get("profile", "quick")
-    if profile not in PROFILES:
-        raise ConfigError(
-            f"profile: unknown profile {profile!r}; choose one of {', '.join(PROFILES)}"
-        )
-    seed = _coerce("seed", raw.get("seed", 0), 0)
-    config = StudyConfig(profile=profile, seed=seed, **sections)
-    validate(config)
-    return config
+    """A validated StudyConfig from nested plain values (a merged TOML, a saved JSON).
+
+    A dict without ``profile`` is of the default profile, quick (StudyConfig() is paper's)."""
+    if isinstance(raw, dict):
+        raw = {"profile": "quick", **raw}
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as exc:
+        # One error, the first, named by its field: the CLI prints it as is.
+        raise ConfigError(_message(exc.errors(include_url=False)[0])) from None
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """Check a value against the type of the field's default."""
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name}: must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name}: must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name}: must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, tuple):
-        if not isinstance(value, list):
-            raise ConfigError(f"{name}: must be a list, got {value!r}")
-        item_default = default[0] if default else 0.0
-        return tuple(_coerce(f"{name}[{i}]", v, item_default) for i, v in enumerate(value))
-    if isinstance(default, str):
-        if not isinstance(value, str):
-            raise ConfigError(f"{name}: must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{name}: unsupported value {value!r}")
+# How the errors of a field's type read; the value given follows.
+_TYPE_MESSAGES = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "tuple_type": "must be a list",
+    "model_type": "must be a table of fields",
+    "dict_type": "must be a table of fields",
+}
+_BOUNDS = ("ge", "gt", "le", "lt")
 
 
-def _require(cond: bool, name: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(f"{name}: {message}")
+def _message(error: ErrorDetails) -> str:
+    """``<dotted field>: <what is wrong and what is allowed>`` for one pydantic error."""
+    loc, kind, ctx = error["loc"], error["type"], error.get("ctx", {})
+    value = error.get("input")
+    name = _dotted(loc) or "config"
+    if kind == "config_rule":
+        field = ctx["field"]
+        return f"{_dotted(loc)}.{field}: {ctx['message']}" if loc else f"{field}: {ctx['message']}"
+    if kind == "config_duplicates":
+        return f"{name}: {error['msg']}"
+    if kind == "extra_forbidden":
+        return f"{name}: unknown config field; {_known_fields(loc[:-1])}"
+    if kind in _TYPE_MESSAGES:
+        return f"{name}: {_TYPE_MESSAGES[kind]}, got {value!r}"
+    if kind == "literal_error":
+        return f"{name}: must be one of {ctx['expected']}, got {value!r}"
+    if kind == "too_short":
+        return f"{name}: must not be empty"
+    if any(bound in ctx for bound in _BOUNDS):
+        if loc and isinstance(loc[-1], int):
+            # An item of a list: reported on the list, with the item's place.
+            return (
+                f"{_dotted(loc[:-1])}: every value must be {_bounds_text(ctx)} "
+                f"(item {loc[-1]} is {value!r})"
+            )
+        # Every bound of the field (the error carries only the one it broke).
+        info = _field_at(loc)
+        bounds = _field_bounds(info) if info is not None else ctx
+        return f"{name}: must be {_bounds_text(bounds)}, got {value!r}"
+    return f"{name}: {error['msg'][:1].lower()}{error['msg'][1:]}, got {value!r}"
 
 
-def _positive_list(name: str, values: tuple, *, unique: bool = True) -> None:
-    _require(len(values) > 0, name, "must not be empty")
-    for i, v in enumerate(values):
-        _require(v > 0, name, f"every value must be positive (item {i} is {v!r})")
-    if unique:
-        _require(len(set(values)) == len(values), name, f"has duplicate values {list(values)}")
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
 
 
-def validate(c: StudyConfig) -> None:
-    _require(c.seed >= 0, "seed", f"must be 0 or more, got {c.seed}")
-    _require(c.data.train_limit >= 0, "data.train_limit", "must be 0 (all) or a positive count")
-    _require(c.data.test_limit >= 0, "data.test_limit", "must be 0 (all) or a positive count")
-    _require(c.data.train_limit <= 60000, "data.train_limit", "MNIST has 60000 training images")
-    _require(c.data.test_limit <= 10000, "data.test_limit", "MNIST has 10000 test images")
-    _require(c.training.batch_size > 0, "training.batch_size", "must be positive")
-    _require(c.training.eval_batch_size > 0, "training.eval_batch_size", "must be positive")
-    _positive_list("grid.learning_rates", c.grid.learning_rates)
-    for i, v in enumerate(c.grid.weight_decays):
-        _require(v >= 0, "grid.weight_decays", f"every value must be 0 or more (item {i} is {v})")
-    _require(len(c.grid.weight_decays) > 0, "grid.weight_decays", "must not be empty")
-    _require(
-        len(set(c.grid.weight_decays)) == len(c.grid.weight_decays),
-        "grid.weight_decays",
-        "has duplicate values",
-    )
-    _require(c.grid.folds >= 2, "grid.folds", f"must be 2 or more, got {c.grid.folds}")
-    _require(c.grid.epochs >= 1, "grid.epochs", f"must be 1 or more, got {c.grid.epochs}")
-    _require(c.grid.size >= 1, "grid.size", f"must be 1 or more, got {c.grid.size}")
-    _positive_list("sweep.sizes", c.sweep.sizes)
-    _require(c.sweep.epochs >= 1, "sweep.epochs", f"must be 1 or more, got {c.sweep.epochs}")
-    _require(c.sweep.plateau_patience >= 0, "sweep.plateau_patience", "must be 0 or more")
-    _require(c.sweep.score_last >= 1, "sweep.score_last", "must be 1 or more")
-    _require(c.sweep.repeats >= 1, "sweep.repeats", f"must be 1 or more, got {c.sweep.repeats}")
-    _require(
-        c.sweep.selection in SELECTIONS,
-        "sweep.selection",
-        f"must be one of {', '.join(SELECTIONS)}, got {c.sweep.selection!r}",
-    )
-    _require(c.final.epochs >= 1, "final.epochs", f"must be 1 or more, got {c.final.epochs}")
-    _require(c.final.size >= 0, "final.size", "must be 0 (the sweep's best size) or positive")
-    for name, levels in (
-        ("corruption.noise_levels", c.corruption.noise_levels),
-        ("corruption.occlusion_levels", c.corruption.occlusion_levels),
-    ):
-        _require(len(levels) > 0, name, "must not be empty")
-        for v in levels:
-            _require(v >= 0, name, f"levels must be 0 or more, got {v}")
-    for v in c.corruption.occlusion_levels:
-        _require(v <= 1, "corruption.occlusion_levels", f"a fraction of pixels, at most 1, got {v}")
-    _require(c.corruption.n_images >= 0, "corruption.n_images", "must be 0 (all) or positive")
-    _require(c.embedding.n_images >= 10, "embedding.n_images", "must be 10 or more")
-    _require(c.embedding.perplexity > 0, "embedding.perplexity", "must be positive")
-    _require(
-        c.embedding.perplexity < c.embedding.n_images,
-        "embedding.perplexity",
-        f"must be below embedding.n_images ({c.embedding.n_images})",
-    )
-    _require(c.embedding.knn >= 1, "embedding.knn", "must be 1 or more")
-    _require(c.embedding.seed >= -1, "embedding.seed", "must be -1 (the study's seed) or more")
-    _require(c.runtime.workers >= 0, "runtime.workers", "must be 0 (one per core) or positive")
-    _require(
-        c.runtime.device in DEVICES,
-        "runtime.device",
-        f"must be one of {', '.join(DEVICES)}, got {c.runtime.device!r}",
-    )
-    _require(c.runtime.gpu_concurrency >= 1, "runtime.gpu_concurrency", "must be 1 or more")
-    n_train = c.data.train_limit or 60000
-    _require(
-        n_train >= c.grid.folds * 10,
-        "data.train_limit",
-        f"too few training images ({n_train}) for {c.grid.folds} folds",
-    )
-    if c.sweep.selection == "validation":
-        _require(
-            10 <= c.sweep.validation_images <= n_train // 2,
-            "sweep.validation_images",
-            f"must be from 10 to half the training images ({n_train // 2}), "
-            f"got {c.sweep.validation_images}",
-        )
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class a location inside StudyConfig names (``()`` is StudyConfig)."""
+    model: type[BaseModel] = StudyConfig
+    for part in loc:
+        info = model.model_fields.get(str(part))
+        annotation = info.annotation if info is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _field_at(loc: tuple[int | str, ...]) -> FieldInfo | None:
+    model = _model_at(loc[:-1])
+    return model.model_fields.get(str(loc[-1])) if model is not None and loc else None
+
+
+def _field_bounds(info: FieldInfo) -> dict[str, Any]:
+    # Field(ge=...) lands in the metadata as annotated_types.Ge(ge=...) and the like.
+    return {b: getattr(m, b) for m in info.metadata for b in _BOUNDS if hasattr(m, b)}
+
+
+def _bounds_text(bounds: Mapping[str, Any]) -> str:
+    if "ge" in bounds and "le" in bounds:
+        return f"from {bounds['ge']} to {bounds['le']}"
+    parts = []
+    if "ge" in bounds:
+        parts.append(f"{bounds['ge']} or more")
+    if "gt" in bounds:
+        parts.append("positive" if bounds["gt"] == 0 else f"above {bounds['gt']}")
+    if "le" in bounds:
+        parts.append(f"at most {bounds['le']}")
+    if "lt" in bounds:
+        parts.append(f"below {bounds['lt']}")
+    return " and ".join(parts)
+
+
+def _known_fields(loc: tuple[int | str, ...]) -> str:
+    model = _model_at(loc)
+    if model is None:
+        return "it has no fields"
+    known = ", ".join(model.model_fields)
+    return f"{_dotted(loc)} has {known}" if loc else f"known top-level fields are {known}"
 
 
 def save_config(config: StudyConfig, path: Path) -> None:

@@ -1,43 +1,369 @@
-"""The study's plan: every task and the exact inputs it is keyed on.
+"""The study's pipeline: every stage declared once.
 
-The flow submits tasks with these inputs, and ``aemnist status`` recomputes their keys from
-them, so the two cannot drift apart. Each task gets only the config fields it uses: changing
-the sweep's epochs leaves the download, folds and grid keys unchanged.
+A stage is one ``Stage`` entry in ``STAGES``: its name, the stages it reads, the tables and
+files its tasks write (with their schemas), the library modules whose code keys its cache,
+and how its jobs follow from the config and the results of the stages it reads. The flow
+(flows/study.py) submits one task per job in this order; ``aemnist status``, ``--refresh``,
+the cache keys (aemnist.caching) and the report's file list read the same entries. Adding a
+stage is one entry here, its library function and its task wrapper (tasks/).
+
+Results travel as the stages hand them on: each job's task returns a TableRef (the download:
+the train and test tables); a stage's jobs read the refs of the stages it names in
+``reads``, and the values inside them (the best learning rate, the best size) from the
+tables themselves, so that the flow and ``aemnist status`` derive them alike.
+
+Light on purpose: `aemnist run` reads ``STAGES`` before it imports torch or pyarrow.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aemnist.config import StudyConfig
+from aemnist.jobs import (
+    Compute,
+    CorruptionJob,
+    DownloadJob,
+    EmbeddingJob,
+    FoldJob,
+    FoldsJob,
+    Job,
+    ReportJob,
+    SizeJob,
+    SummaryJob,
+    grid_label,
+    size_label,
+)
 from aemnist.layout import Layout
 
-if TYPE_CHECKING:  # annotations only: `aemnist run` imports this module before pyarrow
+if TYPE_CHECKING:
+    from aemnist.config import StudyConfig
     from aemnist.schemas import TableRef
+    from aemnist.training import TrainingOptions
 
-# The report's figures (aemnist.report.FIGURES), named here to spare this module matplotlib.
-REPORT_FIGURES = (
-    "fig1a_size_sweep.png",
-    "fig1b_training_curves.png",
-    "fig2_noise.png",
-    "fig3_occlusion.png",
-    "fig4_tsne.png",
-)
+# What each stage's tasks returned, in job order: stage name -> results.
+Results = Mapping[str, Sequence[Any]]
 
-# Stages in order, each with the stages it reads from.
-STAGES: dict[str, tuple[str, ...]] = {
-    "download": (),
-    "folds": ("download",),
-    "grid": ("download", "folds"),
-    "grid-summary": ("grid",),
-    "sweep": ("download", "grid-summary"),
-    "sweep-summary": ("sweep",),
-    "final": ("download", "grid-summary", "sweep-summary"),
-    "corruption": ("download", "final"),
-    "embedding": ("download", "final"),
-    "report": ("grid-summary", "sweep-summary", "final", "corruption", "embedding"),
-}
+
+@dataclass(frozen=True)
+class Study:
+    """A study resolved once (aemnist.runtime.resolve_study): its validated config with the
+    device resolved, where it runs, and the task slots and torch threads that follow."""
+
+    config: StudyConfig
+    layout: Layout
+    workers: int  # tasks side by side in a fan-out
+    threads: int  # torch threads of each of them
+    final_threads: int  # of a final task: every core when it runs alone
+    options: TrainingOptions
+    mirror: str | None = None
+    redo: frozenset[str] = frozenset()  # stages to recompute (--fresh, --refresh)
+
+    def compute(self, threads: int | None = None) -> Compute:
+        return Compute(self.config.runtime.device, threads or self.threads, self.options)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    reads: tuple[str, ...]
+    # The tables its tasks write, by schema (aemnist.schemas.SCHEMAS); other files beside.
+    tables: tuple[str, ...]
+    # The library modules its task calls: their code, and that of every aemnist module they
+    # import, keys its cache (aemnist.caching.code_version).
+    library: tuple[str, ...]
+    # Its jobs, from the study and the results of the stages it reads.
+    jobs: Callable[[Study, Results], list[Job]]
+    # The files one job writes: checked before its result is reused.
+    writes: Callable[[Any], list[Path]]
+    # Its task names before the stages it reads have run (what `aemnist status` lists).
+    labels: Callable[[StudyConfig], list[str]]
+    # Keyed and reused through Prefect's cache; the download checks its own tables instead.
+    cached: bool = True
+
+
+def resolve_study(
+    config: StudyConfig,
+    workdir: Path,
+    mirror: str | None = None,
+    redo: frozenset[str] = frozenset(),
+    options: TrainingOptions | None = None,
+) -> Study:
+    """The one resolution every launch path goes through (the CLI, a deployment, a Dask
+    run): the device, the task slots of a fan-out and the torch threads of each task, from
+    the validated config and this machine."""
+    # Imported here: they import torch, which reading the declarations must not.
+    from aemnist.runtime import cpu_count, parallel_workers, threads_per_task, with_resolved_device
+    from aemnist.training import DEFAULT_OPTIONS
+
+    config = with_resolved_device(config)
+    runtime = config.runtime
+    workers = parallel_workers(runtime.workers, runtime.device, runtime.gpu_concurrency)
+    threads = threads_per_task(workers)
+    return Study(
+        config=config,
+        layout=Layout(workdir.resolve()),
+        workers=workers,
+        threads=threads,
+        # A single final task gets every core; several (repeats) share them as the sweep does.
+        final_threads=cpu_count() if config.sweep.repeats == 1 else threads,
+        options=options or DEFAULT_OPTIONS,
+        mirror=mirror,
+        redo=redo,
+    )
+
+
+# --- how jobs follow from the config and earlier results ------------------------------------
+
+
+def _mnist(results: Results) -> tuple[TableRef, TableRef]:
+    tables = results["download"][0]
+    return tables["train"], tables["test"]
+
+
+def grid_cells(config: StudyConfig) -> list[tuple[float, float, int]]:
+    return [
+        (lr, wd, fold)
+        for lr in config.grid.learning_rates
+        for wd in config.grid.weight_decays
+        for fold in range(config.grid.folds)
+    ]
+
+
+def sweep_cells(config: StudyConfig) -> list[tuple[int, int]]:
+    """(size, repeat) of every sweep task."""
+    return [(size, repeat) for size in config.sweep.sizes for repeat in range(config.sweep.repeats)]
+
+
+def best_settings(grid_summary: TableRef) -> tuple[float, float]:
+    """Table 1's best learning rate and weight decay."""
+    from aemnist.schemas import read_frame
+
+    top = read_frame(grid_summary.path, "grid_summary").iloc[0]
+    return float(top.lr), float(top.weight_decay)
+
+
+def best_size(sweep_summary: TableRef) -> int:
+    """Table 2's best encoding size."""
+    from aemnist.schemas import read_frame
+
+    return int(read_frame(sweep_summary.path, "sweep_summary").iloc[0]["size"])
+
+
+def final_size(config: StudyConfig, best: int) -> int:
+    """The final model's encoding size: final.size when set, else the sweep's best."""
+    return config.final.size or best
+
+
+def _download(study: Study, results: Results) -> list[Job]:
+    return [DownloadJob(study.layout, study.mirror, force="download" in study.redo)]
+
+
+def _folds(study: Study, results: Results) -> list[Job]:
+    c = study.config
+    train, _ = _mnist(results)
+    return [FoldsJob(study.layout, train, c.data.train_limit, c.grid.folds, c.seed)]
+
+
+def _grid(study: Study, results: Results) -> list[Job]:
+    c = study.config
+    train, _ = _mnist(results)
+    (folds,) = results["folds"]
+    return [
+        FoldJob(
+            study.layout,
+            train,
+            folds,
+            c.data.train_limit,
+            lr,
+            wd,
+            fold,
+            c.grid.size,
+            c.grid.epochs,
+            c.training,
+            c.seed,
+            study.compute(),
+        )  # fmt: skip
+        for lr, wd, fold in grid_cells(c)
+    ]
+
+
+def _size_job(
+    study: Study, results: Results, stage: str, size: int, repeat: int, epochs: int, threads: int
+) -> SizeJob:
+    c = study.config
+    train, test = _mnist(results)
+    lr, wd = best_settings(results["grid-summary"][0])
+    return SizeJob(
+        stage, study.layout, train, test, c.data.train_limit, c.data.test_limit, size, repeat,
+        lr, wd, epochs, c.sweep.plateau_patience, c.sweep.selection, c.sweep.validation_images,
+        c.training, c.seed, study.compute(threads),
+    )  # fmt: skip
+
+
+def _sweep(study: Study, results: Results) -> list[Job]:
+    epochs = study.config.sweep.epochs
+    return [
+        _size_job(study, results, "sweep", size, repeat, epochs, study.threads)
+        for size, repeat in sweep_cells(study.config)
+    ]
+
+
+def _final(study: Study, results: Results) -> list[Job]:
+    """One final model per seed, side by side; the evaluations use repeat 0's."""
+    c = study.config
+    size = final_size(c, best_size(results["sweep-summary"][0]))
+    return [
+        _size_job(study, results, "final", size, repeat, c.final.epochs, study.final_threads)
+        for repeat in range(c.sweep.repeats)
+    ]
+
+
+def _grid_summary(study: Study, results: Results) -> list[Job]:
+    return [SummaryJob("grid-summary", study.layout, tuple(results["grid"]))]
+
+
+def _sweep_summary(study: Study, results: Results) -> list[Job]:
+    return [
+        SummaryJob(
+            "sweep-summary", study.layout, tuple(results["sweep"]), study.config.sweep.score_last
+        )
+    ]
+
+
+def _corruption(study: Study, results: Results) -> list[Job]:
+    c = study.config
+    _, test = _mnist(results)
+    model = results["final"][0]
+    return [
+        CorruptionJob(
+            study.layout,
+            test,
+            c.data.test_limit,
+            model,
+            c.corruption,
+            c.training,
+            c.seed,
+            study.compute(),
+        )  # fmt: skip
+    ]
+
+
+def _embedding(study: Study, results: Results) -> list[Job]:
+    c = study.config
+    _, test = _mnist(results)
+    model = results["final"][0]
+    return [
+        EmbeddingJob(
+            study.layout, test, c.data.test_limit, model, c.embedding, c.seed, study.compute()
+        )
+    ]
+
+
+def _report(study: Study, results: Results) -> list[Job]:
+    tables = [
+        *results["grid-summary"],
+        *results["sweep-summary"],
+        *results["final"],
+        *results["corruption"],
+        *results["embedding"],
+    ]
+    return [ReportJob(study.config, study.layout, tuple(tables))]
+
+
+def _report_files(job: ReportJob) -> list[Path]:
+    # The figure names are the report's own (aemnist.report.FIGURES); imported here, when a
+    # job exists, so that reading the declarations needs no pandas.
+    from aemnist.report import report_figures
+
+    return [job.layout.report, *report_figures(job.layout)]
+
+
+def _one(label: str) -> Callable[[StudyConfig], list[str]]:
+    return lambda config: [label]
+
+
+# --- the declaration ---------------------------------------------------------------------
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage(
+            "download", (), ("mnist",), ("aemnist.data",), _download,
+            writes=lambda job: [job.layout.train_table, job.layout.test_table],
+            labels=_one("download"), cached=False,
+        ),
+        Stage(
+            "folds", ("download",), ("folds",), ("aemnist.data",), _folds,
+            writes=lambda job: [job.layout.folds], labels=_one("folds"),
+        ),
+        Stage(
+            "grid", ("download", "folds"), ("grid_history",), ("aemnist.training",), _grid,
+            writes=lambda job: [job.output],
+            labels=lambda config: [grid_label(*cell) for cell in grid_cells(config)],
+        ),
+        Stage(
+            "grid-summary", ("grid",), ("grid_summary",), ("aemnist.summaries", "aemnist.schemas"),
+            _grid_summary, writes=lambda job: [job.layout.grid_summary],
+            labels=_one("grid summary"),
+        ),
+        Stage(
+            "sweep", ("download", "grid-summary"), ("sweep_history",), ("aemnist.training",),
+            _sweep, writes=lambda job: [job.layout.sweep_history(job.size, job.repeat)],
+            labels=lambda config: [size_label("sweep", *cell) for cell in sweep_cells(config)],
+        ),
+        Stage(
+            "sweep-summary", ("sweep",), ("sweep_summary",),
+            ("aemnist.summaries", "aemnist.schemas"),
+            _sweep_summary, writes=lambda job: [job.layout.sweep_summary],
+            labels=_one("sweep summary"),
+        ),
+        Stage(
+            "final", ("download", "grid-summary", "sweep-summary"), ("sweep_history", "metrics"),
+            ("aemnist.training",), _final,
+            writes=lambda job: [
+                job.layout.final_model_of(job.repeat),
+                job.layout.final_history_of(job.repeat),
+                job.layout.final_metrics_of(job.repeat),
+            ],
+            labels=_one("final"),
+        ),
+        Stage(
+            "corruption", ("download", "final"), ("corruption", "corruption_examples"),
+            ("aemnist.corruption", "aemnist.model", "aemnist.data"), _corruption,
+            writes=lambda job: [job.layout.corruption, job.layout.corruption_examples],
+            labels=_one("corruption"),
+        ),
+        Stage(
+            "embedding", ("download", "final"), ("embedding", "metrics"),
+            ("aemnist.embedding", "aemnist.model", "aemnist.data"), _embedding,
+            writes=lambda job: [job.layout.embedding, job.layout.embedding_metrics],
+            labels=_one("embedding"),
+        ),
+        Stage(
+            "report", ("grid-summary", "sweep-summary", "final", "corruption", "embedding"),
+            (), ("aemnist.report",), _report, writes=_report_files, labels=_one("report"),
+        ),
+    )
+}  # fmt: skip
+
+
+def waves() -> list[list[Stage]]:
+    """The stages in order, grouped so that each group reads only earlier groups: the stages
+    of one group (corruption and embedding) run side by side."""
+    done: set[str] = set()
+    out: list[list[Stage]] = []
+    pending = list(STAGES.values())
+    while pending:
+        ready = [stage for stage in pending if set(stage.reads) <= done]
+        if not ready:
+            raise ValueError(f"stages {[s.name for s in pending]} read stages never run")
+        out.append(ready)
+        done |= {stage.name for stage in ready}
+        pending = [stage for stage in pending if stage not in ready]
+    return out
 
 
 def downstream(stage: str) -> set[str]:
@@ -45,214 +371,17 @@ def downstream(stage: str) -> set[str]:
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     found = {stage}
-    changed = True
-    while changed:
-        changed = False
-        for name, inputs in STAGES.items():
-            if name not in found and found.intersection(inputs):
-                found.add(name)
-                changed = True
+    for group in waves():
+        for later in group:
+            if found.intersection(later.reads):
+                found.add(later.name)
     return found
 
 
-def refreshed_stages(fresh: bool, refresh: list[str] | None) -> set[str]:
+def refreshed_stages(fresh: bool, refresh: Sequence[str] | None) -> frozenset[str]:
     if fresh:
-        return set(STAGES)
+        return frozenset(STAGES)
     out: set[str] = set()
     for stage in refresh or []:
         out |= downstream(stage)
-    return out
-
-
-def on_device(config: StudyConfig) -> dict[str, Any]:
-    """The device as a key input of the stages that compute with torch: a result computed on
-    a GPU is not reused for a CPU run, nor the reverse (their last digits differ). ``config``
-    holds the resolved device (aemnist.runtime.with_resolved_device). Always given, so the
-    key the flow computes equals the one the task computes from its bound parameters."""
-    return {"device": config.runtime.device}
-
-
-def grid_labels(config: StudyConfig) -> list[tuple[str, float, float, int]]:
-    return [
-        (f"grid lr={lr:g} wd={wd:g} fold={fold}", lr, wd, fold)
-        for lr in config.grid.learning_rates
-        for wd in config.grid.weight_decays
-        for fold in range(config.grid.folds)
-    ]
-
-
-def size_label(stage: str, size: int, repeat: int = 0) -> str:
-    """A sweep or final task's name; repeat 0 keeps the single-seed name."""
-    return f"{stage} size={size}" + (f" repeat={repeat}" if repeat else "")
-
-
-def sweep_labels(config: StudyConfig) -> list[tuple[str, int, int]]:
-    """(label, size, repeat) of every sweep task."""
-    return [
-        (size_label("sweep", size, repeat), size, repeat)
-        for size in config.sweep.sizes
-        for repeat in range(config.sweep.repeats)
-    ]
-
-
-def final_labels(config: StudyConfig, size: int) -> list[tuple[str, int]]:
-    """(label, repeat) of every final task: one per seed."""
-    return [(size_label("final", size, repeat), repeat) for repeat in range(config.sweep.repeats)]
-
-
-def final_size(config: StudyConfig, best_size: int) -> int:
-    """The final model's encoding size: final.size when set, else the sweep's best."""
-    return config.final.size or best_size
-
-
-def folds_inputs(config: StudyConfig, layout: Layout, train: TableRef) -> dict[str, Any]:
-    return {
-        "layout": layout,
-        "train": train,
-        "train_limit": config.data.train_limit,
-        "k": config.grid.folds,
-        "seed": config.seed,
-    }
-
-
-def grid_inputs(
-    config: StudyConfig,
-    layout: Layout,
-    train: TableRef,
-    folds: TableRef,
-    lr: float,
-    weight_decay: float,
-    fold: int,
-) -> dict[str, Any]:
-    return {
-        "layout": layout,
-        "train": train,
-        "folds": folds,
-        "train_limit": config.data.train_limit,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "fold": fold,
-        "size": config.grid.size,
-        "epochs": config.grid.epochs,
-        "training": config.training,
-        "seed": config.seed,
-        **on_device(config),
-    }
-
-
-def grid_summary_inputs(layout: Layout, histories: list[TableRef]) -> dict[str, Any]:
-    return {"layout": layout, "histories": histories}
-
-
-def sweep_inputs(
-    config: StudyConfig,
-    layout: Layout,
-    train: TableRef,
-    test: TableRef,
-    size: int,
-    lr: float,
-    weight_decay: float,
-    repeat: int = 0,
-) -> dict[str, Any]:
-    return {
-        "layout": layout,
-        "train": train,
-        "test": test,
-        "repeat": repeat,
-        "train_limit": config.data.train_limit,
-        "test_limit": config.data.test_limit,
-        "size": size,
-        "lr": lr,
-        "weight_decay": weight_decay,
-        "epochs": config.sweep.epochs,
-        "plateau_patience": config.sweep.plateau_patience,
-        "selection": config.sweep.selection,
-        "validation_images": config.sweep.validation_images,
-        "training": config.training,
-        "seed": config.seed,
-        **on_device(config),
-    }
-
-
-def sweep_summary_inputs(
-    config: StudyConfig, layout: Layout, histories: list[TableRef]
-) -> dict[str, Any]:
-    return {"layout": layout, "histories": histories, "score_last": config.sweep.score_last}
-
-
-def final_inputs(
-    config: StudyConfig,
-    layout: Layout,
-    train: TableRef,
-    test: TableRef,
-    size: int,
-    lr: float,
-    weight_decay: float,
-    repeat: int = 0,
-) -> dict[str, Any]:
-    inputs = sweep_inputs(config, layout, train, test, size, lr, weight_decay, repeat)
-    inputs["epochs"] = config.final.epochs
-    return inputs
-
-
-def corruption_inputs(
-    config: StudyConfig, layout: Layout, test: TableRef, model: TableRef
-) -> dict[str, Any]:
-    return {
-        "layout": layout,
-        "test": test,
-        "test_limit": config.data.test_limit,
-        "model": model,
-        "corruption": config.corruption,
-        "training": config.training,
-        "seed": config.seed,
-        **on_device(config),
-    }
-
-
-def embedding_inputs(
-    config: StudyConfig, layout: Layout, test: TableRef, model: TableRef
-) -> dict[str, Any]:
-    return {
-        "layout": layout,
-        "test": test,
-        "test_limit": config.data.test_limit,
-        "model": model,
-        "embedding": config.embedding,
-        "seed": config.seed,
-        **on_device(config),
-    }
-
-
-def report_inputs(config: StudyConfig, layout: Layout, tables: list[TableRef]) -> dict[str, Any]:
-    return {"config": config, "layout": layout, "tables": tables}
-
-
-def outputs(stage: str, inputs: dict[str, Any]) -> list[Path]:
-    """The files a task writes (given its inputs): checked before its result is reused, so a
-    missing or damaged one is recomputed."""
-    layout: Layout = inputs["layout"]
-    if stage == "folds":
-        return [layout.folds]
-    if stage == "grid":
-        return [layout.grid_history(inputs["lr"], inputs["weight_decay"], inputs["fold"])]
-    if stage == "grid-summary":
-        return [layout.grid_summary]
-    if stage == "sweep":
-        return [layout.sweep_history(inputs["size"], inputs["repeat"])]
-    if stage == "sweep-summary":
-        return [layout.sweep_summary]
-    if stage == "final":
-        repeat = inputs["repeat"]
-        return [
-            layout.final_model_of(repeat),
-            layout.final_history_of(repeat),
-            layout.final_metrics_of(repeat),
-        ]
-    if stage == "corruption":
-        return [layout.corruption, layout.corruption_examples]
-    if stage == "embedding":
-        return [layout.embedding, layout.embedding_metrics]
-    if stage == "report":
-        return [layout.report] + [layout.figures_dir / name for name in REPORT_FIGURES]
-    raise ValueError(f"no outputs known for stage {stage!r}")
+    return frozenset(out)

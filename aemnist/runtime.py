@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -39,7 +38,8 @@ def with_resolved_device(config: StudyConfig) -> StudyConfig:
     """``config`` with runtime.device resolved to cpu or cuda, as the tasks are keyed on it
     and the saved config records it."""
     device = resolve_device(config.runtime.device)
-    return dataclasses.replace(config, runtime=dataclasses.replace(config.runtime, device=device))
+    # with_overrides validates the result again, as model_copy(update=...) would not.
+    return config.with_overrides({"runtime": {"device": device}})
 
 
 def prepare_device(device: str) -> None:

@@ -377,9 +377,7 @@ def main() -> None:
                 result("gpu-throughput", best_rate, "images/s", cpu_rate)
     if args.paper:
         config = load_config(args.profile, overrides=run_overrides(device="cuda"))
-        config = dataclasses.replace(
-            config, runtime=dataclasses.replace(config.runtime, gpu_concurrency=best_n)
-        )
+        config = config.with_overrides({"runtime": {"gpu_concurrency": best_n}})
         print(f"paper profile on cuda, {best_n} tasks at once, work dir {args.paper}", flush=True)
         run = PaperRun(args.paper, best_n, args.archive, config, options)
         wall = run.run()

@@ -1,57 +1,112 @@
 """The ``study`` flow: every stage of the seed's study, chained through parquet tables.
 
-Each task is keyed by content (tasks.caching): a re-run reuses every result whose inputs,
-config fields and code are unchanged and whose files are intact, and recomputes the rest.
+The stages, their jobs and the files they write are declared once, in aemnist.plan; this
+flow resolves the study, sizes its task runner, and submits each declared stage's jobs to
+the task wrapper below, stage after stage. Each task is keyed by content (tasks.caching): a
+re-run reuses every result whose job and code are unchanged and whose files are intact, and
+recomputes the rest.
+
+Every launch path runs this same function: `aemnist run`, a deployment on a worker, a Dask
+run (``task_runner="dask"``).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import Field
 
 from aemnist import plan
-from aemnist.config import load_config, run_overrides
-from aemnist.data import MIRROR_ENV
-from aemnist.layout import Layout
-from aemnist.runtime import (
-    cpu_count,
-    parallel_workers,
-    prepare_device,
-    threads_per_task,
-    with_resolved_device,
-)
+from aemnist.config import MIRROR_ENV, SEED_MAX, Device, Profile, load_config, run_overrides
+from aemnist.runtime import prepare_device
 from tasks.aggregate import summarise_grid, summarise_sweep
-from tasks.caching import result_storage, submit_stage
+from tasks.caching import result_storage, submit_job
 from tasks.data import assign_folds, download
 from tasks.evaluation import evaluate_corruption, map_embedding
 from tasks.study import close_study, link_reused, open_study, publish_results, write_report
 from tasks.training import final_model, grid_fold, sweep_size
 
 DEFAULT_WORKDIR = "aemnist-runs"
+LOOPBACK = "127.0.0.1"
+
+# The task wrapping each declared stage's library call.
+STAGE_TASKS: dict[str, Task[..., Any]] = {
+    "download": download,
+    "folds": assign_folds,
+    "grid": grid_fold,
+    "grid-summary": summarise_grid,
+    "sweep": sweep_size,
+    "sweep-summary": summarise_sweep,
+    "final": final_model,
+    "corruption": evaluate_corruption,
+    "embedding": map_embedding,
+    "report": write_report,
+}
+
+# The flow's parameters, typed so that Prefect validates them and the UI's custom-run form
+# offers the choices: the profiles and devices are the config's, the stages the plan's.
+StageName = Literal[tuple(plan.STAGES)]  # type: ignore[valid-type]
+RunnerKind = Literal["threads", "dask"]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="the study's seed")]
+Repeats = Annotated[int, Field(ge=1, description="seeds of the sweep and the final model")]
 
 
 class StageFailed(RuntimeError):
     """Some tasks of a stage failed; names them."""
 
 
+def prepare_study(
+    profile: str | None,
+    workdir: str,
+    config_file: str | None,
+    mnist_mirror: str | None,
+    overrides: dict[str, Any],
+    redo: frozenset[str],
+) -> plan.Study:
+    """Load and validate the config, then resolve it (device, task slots, torch threads):
+    the one place every launch path goes through."""
+    config = load_config(profile, Path(config_file) if config_file else None, overrides)
+    mirror = mnist_mirror or os.environ.get(MIRROR_ENV) or None
+    study = plan.resolve_study(config, Path(workdir), mirror, redo)
+    prepare_device(study.config.runtime.device)
+    return study
+
+
+def task_runner_for(study: plan.Study, kind: str, dask_address: str | None) -> TaskRunner:
+    """The task runner sized from the resolved study: ``study.workers`` tasks side by side,
+    in threads, or on a Dask cluster (an existing one at ``dask_address``, else a local one
+    of single-threaded worker processes: each task sets its own torch threads)."""
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=study.workers)
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": study.workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": LOOPBACK,
+        }
+    )
+
+
 def _producer(result: Any) -> str:
-    """The MLflow run that produced a task's result (a TableRef, or a tuple led by one)."""
-    ref = result[0] if isinstance(result, tuple) else result
-    return getattr(ref, "run_id", "")
+    """The MLflow run that produced a task's result."""
+    return getattr(result, "run_id", "")
 
 
-def collect(ctx: Any, futures: dict[str, PrefectFuture], stage: str) -> list[Any]:
-    """Wait for every task of a stage (a failure does not cancel the others), report
-    progress as they finish, link reused results to the parent run, then return the
-    results or name the tasks that failed."""
+def _await_stage(stage: str, futures: dict[str, PrefectFuture]) -> None:
+    """Wait for every task of a stage (a failure does not cancel the others), reporting
+    progress as they finish."""
     logger = get_run_logger()
     total = len(futures)
     # A stage of several tasks shows its progress in the Prefect UI; each update is a round
@@ -69,153 +124,104 @@ def collect(ctx: Any, futures: dict[str, PrefectFuture], stage: str) -> list[Any
         if progress is not None and (done == total or time.monotonic() - shown >= 1.0):
             update_progress_artifact(progress, 100.0 * done / total)
             shown = time.monotonic()
-    failed = [label for label, future in futures.items() if not future.state.is_completed()]
-    if failed:
+
+
+def collect(ctx: Any, wave: dict[str, dict[str, PrefectFuture]]) -> dict[str, list[Any]]:
+    """Wait for every task of the stages of one wave, link reused results to the parent run,
+    then return each stage's results in job order, or name the tasks that failed."""
+    for stage, futures in wave.items():
+        _await_stage(stage, futures)
+    failures = []
+    for stage, futures in wave.items():
+        failed = [label for label, future in futures.items() if not future.state.is_completed()]
+        if failed:
+            failures.append(
+                f"{stage}: {len(failed)} of {len(futures)} tasks failed: {', '.join(failed)}"
+            )
+    if failures:
         raise StageFailed(
-            f"{stage}: {len(failed)} of {total} tasks failed: {', '.join(failed)}; the others "
-            f"completed and are kept: fix the cause and run the study again to re-run only these"
+            f"{'; '.join(failures)}; the others completed and are kept: fix the cause and run "
+            f"the study again to re-run only these"
         )
-    results = {label: future.result() for label, future in futures.items()}
-    reused = {
-        label: _producer(results[label])
-        for label, future in futures.items()
-        if future.state.name == "Cached"
-    }
-    if reused:
-        logger.info("[%s] %d/%d results reused from earlier runs", stage, len(reused), total)
-        link_reused(ctx, reused)
-    return list(results.values())
-
-
-@flow(name="study", task_runner=ThreadPoolTaskRunner(max_workers=cpu_count()))
-def study(
-    profile: str | None = None,
-    workdir: str = DEFAULT_WORKDIR,
-    config_file: str | None = None,
-    mnist_mirror: str | None = None,
-    seed: int | None = None,
-    fresh: bool = False,
-    refresh: list[str] | None = None,
-    device: str | None = None,
-    repeats: int | None = None,
-) -> str:
-    """Run the whole study; returns the path of the report.
-
-    ``fresh`` recomputes every stage; ``refresh`` names stages to recompute with every stage
-    that follows from them; ``device`` (auto, cpu or cuda) overrides runtime.device and
-    ``repeats`` sweep.repeats (the seeds the sweep and the final model are trained with)."""
-    overrides = run_overrides(seed, device, repeats)
-    user_file = Path(config_file) if config_file else None
-    config = with_resolved_device(load_config(profile, user_file, overrides))
-    prepare_device(config.runtime.device)
-    layout = Layout(Path(workdir).resolve())
-    mirror = mnist_mirror or os.environ.get(MIRROR_ENV) or None
-    redo = plan.refreshed_stages(fresh, refresh)
-    workers = parallel_workers(
-        config.runtime.workers, config.runtime.device, config.runtime.gpu_concurrency
-    )
-    threads = threads_per_task(workers)
-    # A single final task gets every core; several (repeats) share them as the sweep does.
-    final_threads = cpu_count() if config.sweep.repeats == 1 else threads
-
-    def submit(
-        task: Any, stage: str, inputs: dict[str, Any], label: str | None = None, **runtime: Any
-    ) -> PrefectFuture:
-        checkpoint = layout.checkpoint(label) if label else None
-        return submit_stage(
-            task, stage, inputs, storage, stage in redo, checkpoint, ctx=ctx, **runtime
-        )
-
-    def fan_out(
-        task: Any, stage: str, labelled: Iterable[tuple[str, dict[str, Any]]], threads: int
-    ) -> list[Any]:
-        """One task per (label, inputs), side by side; the results once all have finished."""
-        futures = {
-            label: submit(task, stage, inputs, label, threads=threads) for label, inputs in labelled
+    results: dict[str, list[Any]] = {}
+    for stage, futures in wave.items():
+        results[stage] = [future.result() for future in futures.values()]
+        reused = {
+            label: _producer(result)
+            for (label, future), result in zip(futures.items(), results[stage], strict=True)
+            if future.state.name == "Cached"
         }
-        return collect(ctx, futures, stage)
+        if reused:
+            get_run_logger().info(
+                "[%s] %d/%d results reused from earlier runs", stage, len(reused), len(futures)
+            )
+            link_reused(ctx, reused)
+    return results
 
-    def run_one(task: Any, stage: str, inputs: dict[str, Any], label: str, **runtime: Any) -> Any:
-        return collect(ctx, {label: submit(task, stage, inputs, label, **runtime)}, stage)[0]
 
-    ctx = open_study(config, layout)
-    storage = result_storage(layout)
+def run_stages(study: plan.Study, runner: TaskRunner) -> str:
+    """Every declared stage, in order, each stage's jobs side by side on ``runner``; the
+    stages of one wave (the evaluations) too. Returns the report's path."""
+    ctx = open_study(study.config, study.layout)
+    storage = result_storage(study.layout)
+    results: dict[str, list[Any]] = {}
     try:
-        tables = download(ctx, layout, mirror, force="download" in redo)
-        train, test = tables["train"], tables["test"]
-        folds = run_one(assign_folds, "folds", plan.folds_inputs(config, layout, train), "folds")
-
-        histories = fan_out(
-            grid_fold,
-            "grid",
-            (
-                (label, plan.grid_inputs(config, layout, train, folds, lr, wd, fold))
-                for label, lr, wd, fold in plan.grid_labels(config)
-            ),
-            threads,
-        )
-        grid_table, lr, wd = run_one(
-            summarise_grid,
-            "grid-summary",
-            plan.grid_summary_inputs(layout, histories),
-            "grid summary",
-        )
-
-        histories = fan_out(
-            sweep_size,
-            "sweep",
-            (
-                (label, plan.sweep_inputs(config, layout, train, test, size, lr, wd, repeat))
-                for label, size, repeat in plan.sweep_labels(config)
-            ),
-            threads,
-        )
-        sweep_table, best_size = run_one(
-            summarise_sweep,
-            "sweep-summary",
-            plan.sweep_summary_inputs(config, layout, histories),
-            "sweep summary",
-        )
-
-        size = plan.final_size(config, best_size)
-        # One final model per seed, side by side; the evaluations use repeat 0's.
-        finals = fan_out(
-            final_model,
-            "final",
-            (
-                (label, plan.final_inputs(config, layout, train, test, size, lr, wd, repeat))
-                for label, repeat in plan.final_labels(config, size)
-            ),
-            final_threads,
-        )
-        model = finals[0]
-
-        evaluations = collect(
-            ctx,
-            {
-                "corruption": submit(
-                    evaluate_corruption,
-                    "corruption",
-                    plan.corruption_inputs(config, layout, test, model),
-                    threads=threads,
-                ),
-                "embedding": submit(
-                    map_embedding,
-                    "embedding",
-                    plan.embedding_inputs(config, layout, test, model),
-                    threads=threads,
-                ),
-            },
-            "evaluation",
-        )
-
-        tables = [grid_table, sweep_table, *finals, *evaluations]
-        report = run_one(
-            write_report, "report", plan.report_inputs(config, layout, tables), "report"
-        )
-        publish_results(ctx, config, layout)
+        for wave in plan.waves():
+            submitted = {
+                stage.name: {
+                    job.label: submit_job(
+                        runner,
+                        STAGE_TASKS[stage.name],
+                        stage,
+                        job,
+                        ctx,
+                        storage,
+                        refresh=stage.name in study.redo,
+                    )  # fmt: skip
+                    for job in stage.jobs(study, results)
+                }
+                for stage in wave
+            }
+            results |= collect(ctx, submitted)
+        publish_results(ctx, study.config, study.layout)
     except BaseException:
         close_study(ctx, "FAILED")
         raise
     close_study(ctx, "FINISHED")
-    return report.path
+    return results["report"][0].path
+
+
+@flow(name="study")
+def study(
+    profile: Profile | None = None,
+    workdir: str = DEFAULT_WORKDIR,
+    config_file: str | None = None,
+    mnist_mirror: str | None = None,
+    seed: Seed | None = None,
+    fresh: bool = False,
+    refresh: list[StageName] | None = None,
+    device: Device | None = None,
+    repeats: Repeats | None = None,
+    task_runner: RunnerKind = "threads",
+    dask_address: str | None = None,
+) -> str:
+    """Run the whole study; returns the path of the report.
+
+    ``profile`` (default: the config file's, else quick) and ``config_file`` (a TOML file
+    overriding any field) give the config; ``seed``, ``device`` (auto, cpu or cuda) and
+    ``repeats`` (seeds of the sweep and the final model) override its fields. ``fresh``
+    recomputes every stage; ``refresh`` names stages to recompute with every stage that
+    follows from them. ``task_runner`` runs the tasks in threads or on Dask (at
+    ``dask_address``, else a local cluster), sized by the config's runtime section."""
+    resolved = prepare_study(
+        profile,
+        workdir,
+        config_file,
+        mnist_mirror,
+        run_overrides(seed, device, repeats),
+        plan.refreshed_stages(fresh, refresh),
+    )
+    # The decorator's default runner runs nothing: every task goes to this one, sized from
+    # the resolved config on every launch path.
+    with task_runner_for(resolved, task_runner, dask_address) as runner:
+        return run_stages(resolved, runner)

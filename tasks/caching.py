@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import Task, get_run_logger
@@ -13,21 +12,21 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 from prefect.filesystems import LocalFileSystem
 from prefect.futures import PrefectFuture
+from prefect.task_runners import TaskRunner
 from prefect.transactions import get_transaction
 
 from aemnist.caching import stage_key
+from aemnist.jobs import Job
 from aemnist.layout import Layout
-from aemnist.plan import outputs
+from aemnist.plan import Stage
 from aemnist.schemas import output_state
-
-# Inputs that say where or how fast a task runs, not what it computes.
-RUNTIME_INPUTS = frozenset({"ctx", "threads"})
+from aemnist.tracking import TrackingContext
 
 
 @dataclass
 class StageCache(CachePolicy):
-    """The cache key of a stage's task: its stage, its inputs (less the runtime ones) with
-    tables by content, and its library code."""
+    """The cache key of a stage's task: its stage, its job (tables by content) and its
+    library code (aemnist.caching.stage_key)."""
 
     stage: str = ""
 
@@ -38,7 +37,7 @@ class StageCache(CachePolicy):
         flow_parameters: dict[str, Any],
         **kwargs: Any,
     ) -> str | None:
-        return stage_key(self.stage, {k: v for k, v in inputs.items() if k not in RUNTIME_INPUTS})
+        return stage_key(self.stage, inputs["job"])
 
 
 def current_key() -> str | None:
@@ -48,33 +47,37 @@ def current_key() -> str | None:
     return transaction.key if transaction is not None else None
 
 
-def submit_stage(
+def submit_job(
+    runner: TaskRunner,
     task: Task,
-    stage: str,
-    inputs: dict[str, Any],
+    stage: Stage,
+    job: Job,
+    ctx: TrackingContext,
     storage: LocalFileSystem,
     refresh: bool = False,
-    checkpoint: Path | None = None,
-    **runtime: Any,
 ) -> PrefectFuture:
-    """Submit ``task`` bound to the work dir's result store, keyed on ``inputs``.
+    """Submit ``task`` for ``job`` to ``runner``, bound to the work dir's result store.
 
-    It is recomputed rather than reused when asked (``refresh``: its checkpoint goes too) or
-    when one of its outputs (aemnist.plan.outputs) is missing, damaged (it does not match its
-    recorded SHA-256) or was since overwritten by a task of another config."""
-    key = stage_key(stage, inputs)
-    states = {path: output_state(path, key) for path in outputs(stage, inputs)}
+    It is recomputed rather than reused when asked (the stage is in ``--refresh``: its
+    checkpoint goes too) or when one of the files it writes is missing, damaged (it does not
+    match its recorded SHA-256) or was since overwritten by a task of another config."""
+    parameters = {"ctx": ctx, "job": job}
+    if not stage.cached:
+        return runner.submit(task, parameters)
+    key = stage_key(stage.name, job)
+    states = {path: output_state(path, key) for path in stage.writes(job)}
     damaged = [str(path) for path, state in states.items() if state == "damaged"]
     if damaged:
         get_run_logger().warning(
             "%s: damaged (content does not match its recorded SHA-256); recomputing",
             ", ".join(damaged),
         )
+    checkpoint = getattr(job, "checkpoint", None)
     if refresh and checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     recompute = refresh or any(state != "intact" for state in states.values())
     configured = task.with_options(result_storage=storage, refresh_cache=recompute)
-    return configured.submit(**inputs, **runtime)
+    return runner.submit(configured, parameters)
 
 
 def result_storage(layout: Layout) -> LocalFileSystem:

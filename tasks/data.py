@@ -10,7 +10,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
 from aemnist.data import MirrorUnreachable, download_mnist, load_images, make_folds
-from aemnist.layout import Layout
+from aemnist.jobs import DownloadJob, FoldsJob
 from aemnist.schemas import TableRef, write_table
 from aemnist.tracking import TrackingContext
 from tasks.caching import StageCache
@@ -37,13 +37,12 @@ def _network_error(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -
     retry_delay_seconds=[2, 10, 30],
     retry_condition_fn=_network_error,
 )
-def download(
-    ctx: TrackingContext, layout: Layout, mirror: str | None, force: bool = False
-) -> dict[str, TableRef]:
+def download(ctx: TrackingContext, job: DownloadJob) -> dict[str, TableRef]:
     """MNIST into ``data/mnist_{train,test}.parquet``; nothing is fetched if they are verified."""
     logger = get_run_logger()
-    with tracked_run(ctx, "download", {"mirror": mirror or "torchvision"}, "download") as run:
-        refs, fetched = download_mnist(layout.data_dir, mirror, force=force)
+    params = {"mirror": job.mirror or "torchvision"}
+    with tracked_run(ctx, job.label, params, "download") as run:
+        refs, fetched = download_mnist(job.layout.data_dir, job.mirror, force=job.force)
         run.log_metrics({f"{split}_rows": ref.rows for split, ref in refs.items()})
         run.set_tags({"fetched": str(fetched)})
     logger.info(
@@ -54,14 +53,18 @@ def download(
     return {split: ref.with_run(run.run_id) for split, ref in refs.items()}
 
 
-@task(name="folds", cache_policy=StageCache(stage="folds"), persist_result=True)
-def assign_folds(
-    ctx: TrackingContext, layout: Layout, train: TableRef, train_limit: int, k: int, seed: int
-) -> TableRef:
+@task(
+    name="folds",
+    task_run_name="{job.label}",
+    cache_policy=StageCache(stage="folds"),
+    persist_result=True,
+)
+def assign_folds(ctx: TrackingContext, job: FoldsJob) -> TableRef:
     """A seeded, stratified k-fold assignment of the training images."""
-    with tracked_run(ctx, "folds", {"folds": k, "seed": seed}, "folds") as run:
-        images = load_images(train.path, train_limit)
-        ref = write_table(make_folds(images.idx, images.labels, k, seed), layout.folds, "folds")
+    with tracked_run(ctx, job.label, {"folds": job.k, "seed": job.seed}, "folds") as run:
+        images = load_images(job.train.path, job.train_limit)
+        folds = make_folds(images.idx, images.labels, job.k, job.seed)
+        ref = write_table(folds, job.layout.folds, "folds")
         run.log_metrics({"rows": ref.rows})
         run.log_artifact(ref.path, "tables")
     return ref.with_run(run.run_id)

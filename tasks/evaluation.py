@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from aemnist.config import CorruptionConfig, EmbeddingConfig, TrainingConfig
 from aemnist.corruption import corruption_curves, examples_frame, levels_of
 from aemnist.data import load_images
 from aemnist.embedding import embed
-from aemnist.layout import Layout
+from aemnist.jobs import CorruptionJob, EmbeddingJob
 from aemnist.model import load_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, write_table
@@ -17,30 +16,25 @@ from tasks.caching import StageCache
 from tasks.common import tracked_run
 
 
-@task(name="corruption", cache_policy=StageCache(stage="corruption"), persist_result=True)
-def evaluate_corruption(
-    ctx: TrackingContext,
-    layout: Layout,
-    test: TableRef,
-    test_limit: int,
-    model: TableRef,
-    corruption: CorruptionConfig,
-    training: TrainingConfig,
-    seed: int,
-    threads: int,
-    device: str,
-) -> TableRef:
+@task(
+    name="corruption",
+    task_run_name="{job.label}",
+    cache_policy=StageCache(stage="corruption"),
+    persist_result=True,
+)
+def evaluate_corruption(ctx: TrackingContext, job: CorruptionJob) -> TableRef:
     """Reconstruction MSE under Gaussian noise and occlusion, with the input's own MSE."""
+    corruption, device, seed, layout = job.corruption, job.compute.device, job.seed, job.layout
     levels = levels_of(corruption)
     params = {"n_images": corruption.n_images, "clip": corruption.clip, **levels, "device": device}
-    with tracked_run(ctx, "corruption", params, "corruption") as run:
-        set_torch_threads(threads)
-        images = load_images(test.path, test_limit).images
+    with tracked_run(ctx, job.label, params, "corruption") as run:
+        set_torch_threads(job.compute.threads)
+        images = load_images(job.test.path, job.test_limit).images
         if corruption.n_images:
             images = images[: corruption.n_images]
-        net = load_checkpoint(model.path)
+        net = load_checkpoint(job.model.path)
         table = corruption_curves(
-            net, images, levels, seed, training.eval_batch_size, device, corruption.clip
+            net, images, levels, seed, job.training.eval_batch_size, device, corruption.clip
         )
         ref = write_table(table, layout.corruption, "corruption")
         examples = examples_frame(net, images[0], levels, seed, corruption.clip)
@@ -56,19 +50,15 @@ def evaluate_corruption(
     return ref.with_run(run.run_id)
 
 
-@task(name="embedding", cache_policy=StageCache(stage="embedding"), persist_result=True)
-def map_embedding(
-    ctx: TrackingContext,
-    layout: Layout,
-    test: TableRef,
-    test_limit: int,
-    model: TableRef,
-    embedding: EmbeddingConfig,
-    seed: int,
-    threads: int,
-    device: str,
-) -> TableRef:
+@task(
+    name="embedding",
+    task_run_name="{job.label}",
+    cache_policy=StageCache(stage="embedding"),
+    persist_result=True,
+)
+def map_embedding(ctx: TrackingContext, job: EmbeddingJob) -> TableRef:
     """Encode test images, map them to 2-D with t-SNE, measure how well the digits separate."""
+    embedding, device, seed, layout = job.embedding, job.compute.device, job.seed, job.layout
     params = {
         "n_images": embedding.n_images,
         "perplexity": embedding.perplexity,
@@ -76,11 +66,11 @@ def map_embedding(
         "seed": embedding.seed_for(seed),
         "device": device,
     }
-    with tracked_run(ctx, "embedding", params, "embedding") as run:
-        set_torch_threads(threads)
+    with tracked_run(ctx, job.label, params, "embedding") as run:
+        set_torch_threads(job.compute.threads)
         table, metrics = embed(
-            load_checkpoint(model.path),
-            load_images(test.path, test_limit),
+            load_checkpoint(job.model.path),
+            load_images(job.test.path, job.test_limit),
             embedding.n_images,
             embedding.perplexity,
             embedding.knn,

@@ -8,6 +8,7 @@ from prefect.cache_policies import NO_CACHE
 
 from aemnist.config import StudyConfig, save_config
 from aemnist.data import ensure_writable
+from aemnist.jobs import ReportJob
 from aemnist.layout import Layout
 from aemnist.report import build_report, load_tables, report_figures, seed_comparison
 from aemnist.schemas import TableRef, read_frame
@@ -62,15 +63,18 @@ def link_reused(ctx: TrackingContext, links: dict[str, str]) -> None:
     link_reused_runs(ctx, links)
 
 
-@task(name="report", cache_policy=StageCache(stage="report"), persist_result=True)
-def write_report(
-    ctx: TrackingContext, config: StudyConfig, layout: Layout, tables: list[TableRef]
-) -> TableRef:
+@task(
+    name="report",
+    task_run_name="{job.label}",
+    cache_policy=StageCache(stage="report"),
+    persist_result=True,
+)
+def write_report(ctx: TrackingContext, job: ReportJob) -> TableRef:
     """report.md and its figures, from the stored tables."""
-    with tracked_run(ctx, "report", {"tables": len(tables)}, "report") as run:
-        path = build_report(layout, config)
+    with tracked_run(ctx, job.label, {"tables": len(job.tables)}, "report") as run:
+        path = build_report(job.layout, job.config)
         run.log_artifact(path)
-        for figure in report_figures(layout):
+        for figure in report_figures(job.layout):
             run.log_artifact(figure, "figures")
     get_run_logger().info("report written to %s", path)
     return TableRef.of_file(path).with_run(run.run_id)

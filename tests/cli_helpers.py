@@ -7,16 +7,33 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import pytest
 from mlflow import MlflowClient
 
 from aemnist.config import load_config
+from aemnist.layout import Layout
 from aemnist.tracking import EXPERIMENT
+
+if TYPE_CHECKING:
+    import torch
 
 REPO_ROOT = Path(__file__).parents[1]
 SMOKE = load_config("smoke")
+
+# The smoke study's final test MSE (on its 1000 test images) is below this. Measured: 0.0732
+# on the CPU, equal to 1e-8 with 1 or 2 torch threads and with channels-last or fused Adam off,
+# so other kernels' rounding (a GPU's) leaves it there. What ignores its input scores more:
+# all zeros 0.104, the best constant value (the test pixels' mean) 0.089, untrained
+# autoencoders 0.18 to 0.28 (sizes 4 and 8, ten seeds each). The bound sits between: 0.012
+# above what the study reaches, 0.004 below any constant. (The mean training image scores
+# 0.065: two smoke epochs do not beat it, so a per-pixel constant is not ruled out.)
+SMOKE_FINAL_MSE_BOUND = 0.085
 
 
 def grid_names() -> set[str]:
@@ -80,6 +97,40 @@ def run_cli(
     return CliResult(proc.returncode, proc.stdout, proc.stderr, time.monotonic() - started)
 
 
+def assert_registered_model_is_the_final_model(
+    registered: torch.nn.Module, workdir: Path, test_mse: float
+) -> None:
+    """``registered`` (loaded back from MLflow's model registry) holds the weights of the
+    final model saved in ``workdir`` (final/model.pt), reconstructs the study's MNIST test
+    images as that model does, and scores the test MSE its run logged, ``test_mse``."""
+    import torch
+
+    from aemnist.data import load_images
+    from aemnist.model import load_checkpoint
+
+    layout = Layout(workdir)
+    saved = load_checkpoint(layout.final_model)
+    weights = registered.state_dict()
+    assert weights.keys() == saved.state_dict().keys()
+    for name, tensor in saved.state_dict().items():
+        assert torch.equal(weights[name].cpu(), tensor), f"{name} differs from final/model.pt"
+    images = load_images(layout.test_table, SMOKE.data.test_limit).images
+    with torch.inference_mode():
+        out, expected = registered(images), saved(images)
+    assert out.shape == images.shape
+    # Equal weights, so only the summation order of other kernels (memory layout, threads)
+    # could tell the two apart: float32 rounds at 6e-8, a reordered sum of the at most 288
+    # terms of a layer moves by a few 1e-7 (in practice, sqrt(n) roundings), and the sigmoid
+    # at the end has a slope of at most 1/4. 1e-5 on pixels in [0, 1] is that with margin;
+    # two trained models differ by 1e-2 and more.
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    # Its task summed per-batch float32 squared errors in float64 (aemnist.training.evaluate,
+    # which the registered module, an exported program, does not run under: no .eval()); this
+    # sum is all float64: the two agree to about 1e-7 relative.
+    mse = float(((out.double() - images.double()) ** 2).mean())
+    assert mse == pytest.approx(test_mse, rel=1e-5)
+
+
 def nested_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert experiment is not None, f"no {EXPERIMENT!r} experiment in {client.tracking_uri}"
@@ -91,7 +142,11 @@ def nested_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
     return {run.info.run_name: run for run in runs}
 
 
-def free_port() -> int:
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A port on 127.0.0.1 where every connection is refused while the context lasts: this
+    process binds it and never listens, and no other socket can bind it meanwhile (this one
+    does not set SO_REUSEADDR)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]

@@ -13,8 +13,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from aemnist import plan
-from aemnist.caching import stage_key
+from aemnist import caching, plan
+from aemnist.caching import library_modules, stage_key
 from aemnist.config import load_config
 from aemnist.layout import Layout
 from aemnist.model import build_autoencoder
@@ -26,47 +26,95 @@ from aemnist.tracking import (
     start_study,
     task_run,
 )
-from aemnist.training import fit
+from aemnist.training import DEFAULT_OPTIONS, fit
 
 TRAIN = TableRef("/somewhere/mnist_train.parquet", "a" * 64, 60000)
 TEST = TableRef("/somewhere/mnist_test.parquet", "b" * 64, 10000)
 FOLDS = TableRef("/somewhere/folds.parquet", "c" * 64, 60000)
 
 
-def keys(config_overrides: dict) -> dict[str, str]:
-    config = load_config("smoke", overrides=config_overrides)
-    layout = Layout(Path("/work/dir"))
-    (label, lr, wd, fold) = plan.grid_labels(config)[0]
+def study_of(overrides: dict, workdir: Path = Path("/work/dir"), threads: int = 1) -> plan.Study:
+    """A resolved study as aemnist.plan.resolve_study gives it, with fixed task slots and
+    threads (this machine's core count must not enter these tests)."""
+    config = load_config("smoke", overrides={"runtime": {"device": "cpu"}, **overrides})
+    return plan.Study(config, Layout(workdir), 2, threads, 2, DEFAULT_OPTIONS)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
+    """Results of the stages before the sweep and final: their tables written for real, since
+    a stage reads the values it needs (best settings, best size) from them."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("upstream")
+    grid = write_table(
+        pd.DataFrame(
+            {"rank": [1], "lr": [0.005], "weight_decay": [1e-5], "train_loss_mean": [0.03],
+             "train_loss_std": [0.0], "val_loss_mean": [0.03], "val_loss_std": [0.0],
+             "n_folds": [2]}
+        ),
+        root / "grid_summary.parquet",
+        "grid_summary",
+    )  # fmt: skip
+    sweep = write_table(
+        pd.DataFrame(
+            {"rank": [1], "size": [8], "test_loss": [0.02], "test_loss_std": [0.0],
+             "val_loss": [float("nan")], "val_loss_std": [float("nan")], "train_loss": [0.02],
+             "epochs_scored": [1], "repeats": [1]}
+        ),
+        root / "sweep_summary.parquet",
+        "sweep_summary",
+    )  # fmt: skip
     return {
-        "folds": stage_key("folds", plan.folds_inputs(config, layout, TRAIN)),
-        "grid": stage_key("grid", plan.grid_inputs(config, layout, TRAIN, FOLDS, lr, wd, fold)),
-        "sweep": stage_key("sweep", plan.sweep_inputs(config, layout, TRAIN, TEST, 4, lr, wd)),
-        "final": stage_key("final", plan.final_inputs(config, layout, TRAIN, TEST, 4, lr, wd)),
+        "download": [{"train": TRAIN, "test": TEST}],
+        "folds": [FOLDS],
+        "grid-summary": [grid],
+        "sweep-summary": [sweep],
     }
 
 
-def test_changing_sweep_epochs_changes_only_the_sweep_key() -> None:
-    before = keys({})
-    after = keys({"sweep": {"epochs": 7}})
+def keys(upstream: dict[str, list], overrides: dict, threads: int = 1) -> dict[str, str]:
+    """The key of the first job of each keyed training-side stage."""
+    study = study_of(overrides, threads=threads)
+    return {
+        stage: stage_key(stage, plan.STAGES[stage].jobs(study, upstream)[0])
+        for stage in ("folds", "grid", "sweep", "final")
+    }
+
+
+def test_changing_sweep_epochs_changes_only_the_sweep_key(upstream) -> None:
+    before = keys(upstream, {})
+    after = keys(upstream, {"sweep": {"epochs": 7}})
     assert after["folds"] == before["folds"]
     assert after["grid"] == before["grid"]
     assert after["sweep"] != before["sweep"]
     assert after["final"] == before["final"]  # the final stage has its own epochs
 
 
-def test_changing_the_seed_changes_every_key() -> None:
-    before, after = keys({}), keys({"seed": 1})
+def test_changing_the_seed_changes_every_key(upstream) -> None:
+    before, after = keys(upstream, {}), keys(upstream, {"seed": 1})
     assert all(after[stage] != before[stage] for stage in before)
 
 
+def test_the_torch_thread_count_keys_the_training_stages(upstream) -> None:
+    # CPU sums are split by thread: another thread count gives other last digits.
+    # (The final model has threads of its own: every core when it trains alone.)
+    one, two = keys(upstream, {}, threads=1), keys(upstream, {}, threads=2)
+    assert one["folds"] == two["folds"] and one["final"] == two["final"]
+    assert one["grid"] != two["grid"] and one["sweep"] != two["sweep"]
+
+
 def test_key_follows_table_content_not_its_path_or_producer() -> None:
-    config = load_config("smoke")
-    layout = Layout(Path("/work/dir"))
+    study = study_of({})
     moved = TableRef("/elsewhere/train.parquet", TRAIN.sha256, -1, run_id="abc")
     changed = TableRef(TRAIN.path, "d" * 64, TRAIN.rows)
-    key = stage_key("folds", plan.folds_inputs(config, layout, TRAIN))
-    assert stage_key("folds", plan.folds_inputs(config, layout, moved)) == key
-    assert stage_key("folds", plan.folds_inputs(config, layout, changed)) != key
+
+    def folds_key(train: TableRef) -> str:
+        (job,) = plan.STAGES["folds"].jobs(study, {"download": [{"train": train, "test": TEST}]})
+        return stage_key("folds", job)
+
+    assert folds_key(moved) == folds_key(TRAIN)
+    assert folds_key(changed) != folds_key(TRAIN)
 
 
 def test_refresh_takes_a_stage_and_everything_that_follows_from_it() -> None:
@@ -82,6 +130,44 @@ def test_refresh_takes_a_stage_and_everything_that_follows_from_it() -> None:
     assert plan.refreshed_stages(False, None) == set()
     with pytest.raises(ValueError, match="unknown stage 'gird'"):
         plan.refreshed_stages(False, ["gird"])
+
+
+def test_every_stage_reads_only_declared_stages_and_runs_after_them() -> None:
+    order = [stage.name for wave in plan.waves() for stage in wave]
+    assert order == list(plan.STAGES)
+    for stage in plan.STAGES.values():
+        assert all(order.index(name) < order.index(stage.name) for name in stage.reads)
+    # The evaluations read the same stages and run side by side.
+    assert [s.name for s in plan.waves()[-2]] == ["corruption", "embedding"]
+
+
+def test_stage_code_is_what_its_library_imports() -> None:
+    # Derived, not listed: training imports runtime (device set-up), so runtime keys it.
+    assert {"aemnist.training", "aemnist.runtime", "aemnist.model", "aemnist.data"} <= set(
+        library_modules("grid")
+    )
+    assert "aemnist.training" not in library_modules("embedding")
+    assert "aemnist.plots" in library_modules("report")  # imported inside a function
+    assert library_modules("grid-summary") == ["aemnist.schemas", "aemnist.summaries"]
+
+
+def test_editing_a_module_changes_the_keys_of_the_stages_that_import_it(
+    upstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = {stage: caching.code_version(stage) for stage in plan.STAGES}
+    source = caching.module_source
+    monkeypatch.setattr(
+        caching,
+        "module_source",
+        lambda module: source(module) + (b"\n# edited\n" if module == "aemnist.embedding" else b""),
+    )
+    caching.code_version.cache_clear()
+    try:
+        after = {stage: caching.code_version(stage) for stage in plan.STAGES}
+    finally:
+        monkeypatch.undo()
+        caching.code_version.cache_clear()
+    assert {stage for stage in plan.STAGES if after[stage] != before[stage]} == {"embedding"}
 
 
 def test_output_state_tells_intact_damaged_stale_and_missing(tmp_path: Path) -> None:

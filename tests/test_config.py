@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_helpers import run_cli
+from pydantic import ValidationError
 
 from aemnist.config import (
+    DEVICES,
     PROFILES,
+    SELECTIONS,
     ConfigError,
     StudyConfig,
+    config_json_schema,
+    from_dict,
     load_config,
     read_saved_config,
     save_config,
@@ -64,7 +70,7 @@ def test_user_toml_file_overrides_a_field_and_keeps_the_rest(tmp_path: Path) -> 
 
     assert config.profile == "smoke"
     assert config.grid.epochs == 2
-    assert dataclasses.replace(config, grid=smoke.grid) == smoke
+    assert config.model_copy(update={"grid": smoke.grid}) == smoke
 
 
 def test_overrides_take_precedence_over_the_user_file(tmp_path: Path) -> None:
@@ -103,6 +109,17 @@ def test_missing_user_file_is_a_config_error_naming_it(tmp_path: Path) -> None:
         ({"seed": "zero"}, "seed"),
         ({"runtime": {"device": "tpu"}}, "runtime.device"),
         ({"runtime": {"gpu_concurrency": 0}}, "runtime.gpu_concurrency"),
+        ({"runtime": {"unknown_thing": 1}}, "runtime.unknown_thing"),
+        ({"embedding": {"perplexity": "30"}}, "embedding.perplexity"),
+        ({"data": {"train_limit": False}}, "data.train_limit"),
+        ({"corruption": {"clip": 1}}, "corruption.clip"),
+        ({"corruption": {"occlusion_levels": [0.5, 1.5]}}, "corruption.occlusion_levels"),
+        ({"grid": {"weight_decays": [1e-5, 1e-5]}}, "grid.weight_decays"),
+        ({"embedding": {"perplexity": float("inf")}}, "embedding.perplexity"),
+        ({"seed": 2**32}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"embedding": {"seed": 2**32}}, "embedding.seed"),
+        ({"data": {"train_limit": 20}}, "data.train_limit"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -173,3 +190,133 @@ def test_reading_a_missing_saved_config_is_a_config_error_naming_it(tmp_path: Pa
     path = tmp_path / "config.json"
     with pytest.raises(ConfigError, match=re.escape(str(path))):
         read_saved_config(path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"seed": 2**32}, r"^seed: must be from 0 to 4294967295, got 4294967296$"),
+        ({"grid": {"epochs": "20"}}, r"^grid\.epochs: must be an integer, got '20'$"),
+        ({"grid": {"epochs": True}}, r"^grid\.epochs: must be an integer, got True$"),
+        ({"embedding": {"knn": "5"}}, r"^embedding\.knn: must be an integer, got '5'$"),
+        ({"embedding": {"perplexity": "30"}}, r"^embedding\.perplexity: must be a number"),
+        (
+            {"runtime": {"unknown_thing": 1}},
+            r"^runtime\.unknown_thing: unknown config field; runtime has workers, device, ",
+        ),
+        ({"sweep": {"selection": "train"}}, r"^sweep\.selection: must be one of 'test' or "),
+        ({"grid": {"learning_rates": [0.01, -1]}}, r"^grid\.learning_rates: .*item 1 is -1\)$"),
+    ],
+)
+def test_error_message_says_what_is_allowed_without_pydantic_noise(
+    overrides: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message) as excinfo:
+        load_config("smoke", overrides=overrides)
+    text = str(excinfo.value)
+    assert "\n" not in text and "pydantic" not in text and "http" not in text, text
+
+
+def test_largest_seed_numpy_takes_is_accepted() -> None:
+    assert load_config("smoke", overrides={"seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+def test_types_are_strict_but_an_integer_is_taken_for_a_float() -> None:
+    config = load_config(
+        "smoke", overrides={"grid": {"weight_decays": [0, 1e-5]}, "embedding": {"perplexity": 25}}
+    )
+
+    assert config.grid.weight_decays == (0.0, 1e-5)
+    assert all(type(v) is float for v in config.grid.weight_decays)
+    assert type(config.embedding.perplexity) is float
+    # As the dataclass config wrote it: a float, so the hash does not depend on how it was given.
+    assert config.to_dict()["grid"]["weight_decays"] == [0.0, 1e-5]
+    assert '"weight_decays":[0.0,1e-05]' in json.dumps(config.to_dict(), separators=(",", ":"))
+
+
+def test_lists_become_tuples_and_the_config_is_frozen_and_hashable() -> None:
+    config = load_config("smoke")
+
+    assert isinstance(config.sweep.sizes, tuple)
+    assert hash(config) == hash(load_config("smoke"))
+    with pytest.raises(ValidationError):
+        config.seed = 1  # type: ignore[misc]
+    with pytest.raises(ValidationError):
+        config.grid.epochs = 3  # type: ignore[misc]
+
+
+def test_to_dict_is_plain_and_from_dict_reads_it_back() -> None:
+    config = load_config("paper", overrides={"seed": 7})
+    raw = config.to_dict()
+
+    assert raw["grid"]["learning_rates"] == [5e-2, 1e-2, 5e-3, 1e-3, 5e-4, 1e-4]
+    assert from_dict(raw) == config
+    assert config.flat()["sweep.sizes"] == [2, 4, 6, 8, 10, 12, 15, 20, 25, 30]
+
+
+def test_with_overrides_changes_one_field_and_validates() -> None:
+    config = load_config("smoke")
+
+    changed = config.with_overrides({"runtime": {"device": "cpu"}})
+
+    assert changed.runtime.device == "cpu"
+    assert changed.model_copy(update={"runtime": config.runtime}) == config
+    with pytest.raises(ConfigError, match=r"^runtime\.device:"):
+        config.with_overrides({"runtime": {"device": "tpu"}})
+
+
+# The hashes the dataclass config gave: the pydantic models must keep them, so that earlier
+# work dirs and MLflow runs stay comparable.
+DATACLASS_HASHES = {
+    "smoke": "7c03923b948dd6e3cf74c97552db2a989a8b8e07b906035e99a2fc8b99ea8048",
+    "quick": "7aea93aa4c9a9d5a3a06b91c9d721491a704d548974e47f685dce293a228eda4",
+    "paper": "ada315ad7d801ff43789e9ac6079246438a637b4f7103e1109d989cfe71103c9",
+}
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_config_hash_is_the_one_the_dataclass_config_gave(profile: str) -> None:
+    assert load_config(profile).config_hash() == DATACLASS_HASHES[profile]
+
+
+def test_json_schema_names_every_section_and_the_allowed_values() -> None:
+    schema = config_json_schema()
+    json.dumps(schema)  # JSON-able as it is
+    defs = schema["$defs"]
+
+    def resolve(prop: dict[str, Any]) -> dict[str, Any]:
+        ref = prop.get("$ref") or next((p["$ref"] for p in prop.get("allOf", [])), None)
+        return defs[ref.rsplit("/", 1)[-1]] if ref else prop
+
+    props = schema["properties"]
+    sections = ("data", "training", "grid", "sweep", "final", "corruption", "embedding")
+    assert set(props) == {"profile", "seed", *sections, "runtime"}
+    assert schema["additionalProperties"] is False
+    assert props["profile"]["enum"] == list(PROFILES)
+    assert props["seed"]["minimum"] == 0 and props["seed"]["maximum"] == 2**32 - 1
+    runtime = resolve(props["runtime"])
+    assert runtime["properties"]["device"]["enum"] == list(DEVICES)
+    assert runtime["additionalProperties"] is False
+    sweep = resolve(props["sweep"])
+    assert sweep["properties"]["selection"]["enum"] == list(SELECTIONS)
+    assert sweep["properties"]["sizes"]["type"] == "array"
+    assert sweep["properties"]["sizes"]["minItems"] == 1
+    assert "last N epochs" in sweep["properties"]["score_last"]["description"]
+    for name in (*sections, "runtime"):
+        section = resolve(props[name])
+        assert section["properties"], name
+        for field, prop in section["properties"].items():
+            assert prop.get("description"), f"{name}.{field} has no description"
+
+
+def test_the_cli_prints_the_json_schema_and_a_resolved_profile(tmp_path: Path) -> None:
+    schema = run_cli(["config", "--schema"], home=tmp_path / "home")
+    assert schema.returncode == 0, schema.stderr
+    assert json.loads(schema.stdout) == config_json_schema()
+    smoke = run_cli(["config", "--profile", "smoke"], home=tmp_path / "home")
+    assert json.loads(smoke.stdout) == load_config("smoke").to_dict()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid]\nfolds = 1\n")
+    refused = run_cli(["config", "--config", str(bad)], home=tmp_path / "home")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "aemnist: error: grid.folds: must be 2 or more, got 1"

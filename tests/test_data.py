@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
 import re
 import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -264,21 +264,22 @@ def test_unwritable_data_dir_under_a_regular_file_fails_with_a_data_error(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
-@pytest.mark.skipif(
-    hasattr(os, "geteuid") and os.geteuid() == 0,
-    reason="root writes into a chmod 0o500 folder; the regular-file variant covers this case",
-)
 def test_read_only_data_dir_fails_with_a_data_error_and_leaves_earlier_tables(
     mnist_tables: dict[str, TableRef], mnist_mirror: Path, tmp_path: Path
 ) -> None:
+    # A read-only bind mount, not chmod: root (these tests' user here and in CI) writes
+    # through permission bits but not onto a read-only file system. Mounting needs root.
     data_dir = good_data_dir(tmp_path, mnist_tables)
     before = snapshot(data_dir)
-    data_dir.chmod(0o500)
+    subprocess.run(["mount", "--bind", str(data_dir), str(data_dir)], check=True)
     try:
-        with pytest.raises(DataError, match=f"{re.escape(str(data_dir))}.*not writable"):
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(data_dir)], check=True)
+        with pytest.raises(
+            DataError, match=f"{re.escape(str(data_dir))} is not writable \\(Read-only file"
+        ):
             download_mnist(data_dir, mnist_mirror)
     finally:
-        data_dir.chmod(0o700)
+        subprocess.run(["umount", str(data_dir)], check=True)
 
     assert_failed_cleanly(data_dir, before)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from aemnist.data import DataError
+from aemnist.jobs import DownloadJob
 from aemnist.layout import Layout
 from aemnist.tracking import embedded_tracking_uri, start_study
 
@@ -84,7 +85,7 @@ def fetch(workdir: Path, url: str) -> dict:
 
     @flow(name="fetch-mnist")
     def fetch_flow() -> dict:
-        return download(ctx, Layout(workdir), url)
+        return download(ctx, DownloadJob(Layout(workdir), url, force=False))
 
     return fetch_flow()
 

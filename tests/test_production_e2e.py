@@ -10,24 +10,28 @@ import json
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
 from cli_helpers import (
     REPO_ROOT,
     SMOKE,
+    SMOKE_FINAL_MSE_BOUND,
+    assert_registered_model_is_the_final_model,
     cli_env,
     expected_task_runs,
-    free_port,
     grid_names,
     nested_runs,
+    refused_port,
     run_cli,
     smoke_run,
 )
@@ -164,7 +168,6 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     workdir = root / "server-work"
-    ports = free_port(), free_port()
     env = cli_env(root / "client-home", {"AEMNIST_MNIST_MIRROR": str(mnist_mirror)})
     server = aemnist(
         [
@@ -172,19 +175,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Itera
             "--workdir",
             str(workdir),
             "--prefect-port",
-            str(ports[0]),
+            "0",
             "--mlflow-port",
-            str(ports[1]),
+            "0",
         ],
         env,
         root / "server.log",
     )
+    ports: list[int] = []
     try:
         output = server.wait_for("Ctrl-C stops both servers", timeout=300)
         prefect_api = re.search(r"export PREFECT_API_URL=(\S+)", output).group(1)
         mlflow_uri = re.search(r"export MLFLOW_TRACKING_URI=(\S+)", output).group(1)
-        assert prefect_api == f"http://127.0.0.1:{ports[0]}/api"
-        assert mlflow_uri == f"http://127.0.0.1:{ports[1]}"
+        # Port 0: each server bound a free port, and the URLs name it.
+        prefect_port = re.fullmatch(r"http://127\.0\.0\.1:(\d+)/api", prefect_api)
+        mlflow_port = re.fullmatch(r"http://127\.0\.0\.1:(\d+)", mlflow_uri)
+        assert prefect_port and mlflow_port, output
+        ports += [int(prefect_port.group(1)), int(mlflow_port.group(1))]
+        assert all(port_open(port) for port in ports)
         env = {**env, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_uri}
         yield Stack(root, workdir, prefect_api, mlflow_uri, env)
     finally:
@@ -262,7 +270,7 @@ def test_deployment_run_logs_runs_metrics_artifacts_and_model_to_the_tracking_se
     failed, parent = parents_of(client, flow_run_id)  # the failed attempt, then the retry
     assert (failed.info.status, parent.info.status) == ("FAILED", "FINISHED")
     assert parent.data.params["grid.learning_rates"] == "[0.01, 0.005]"
-    assert 0 < parent.data.metrics["final_test_mse"] < 0.2
+    assert 0 < parent.data.metrics["final_test_mse"] < SMOKE_FINAL_MSE_BOUND
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {
         "report.md",
         "figures",
@@ -300,6 +308,9 @@ def test_deployment_run_logs_runs_metrics_artifacts_and_model_to_the_tracking_se
         mlflow.set_tracking_uri(None)
     with torch.inference_mode():
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 1, 28, 28)
+    # The very model the final task saved in the run's work dir, served back by the registry.
+    assert_registered_model_is_the_final_model(model, workdir, final.data.metrics["test_mse"])
+    assert final.data.metrics["test_mse"] == parent.data.metrics["final_test_mse"]
 
     # Everything landed on the server's store; the run's work dir holds tables, no store.
     assert not (workdir / "mlflow.db").exists()
@@ -414,34 +425,36 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     """A real Dask cluster from its own command line: a scheduler and two 1-thread worker
     processes, all on loopback."""
     root = tmp_path_factory.mktemp("dask")
-    port = free_port()
-    address = f"tcp://127.0.0.1:{port}"
     env = cli_env(root / "home")
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     scheduler = Background(
-        [*dask, "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", ":0"],
+        [*dask, "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
         env,
         root / "scheduler.log",
     )
-    workers = Background(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_worker",
-            address,
-            "--nworkers",
-            "2",
-            "--nthreads",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--no-dashboard",
-        ],
-        env,
-        root / "workers.log",
-    )
+    workers = None
     try:
-        scheduler.wait_for("Scheduler at", timeout=120)
+        # Port 0: the scheduler binds a free port; the line after its address is the
+        # dashboard's, so the address line is whole.
+        output = scheduler.wait_for("dashboard at", timeout=120)
+        address = re.search(r"Scheduler at:\s+(tcp://127\.0\.0\.1:\d+)\n", output).group(1)
+        workers = Background(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_worker",
+                address,
+                "--nworkers",
+                "2",
+                "--nthreads",
+                "1",
+                "--host",
+                "127.0.0.1",
+                "--no-dashboard",
+            ],
+            env,
+            root / "workers.log",
+        )
         from distributed import Client
 
         with Client(address, timeout=120) as client:
@@ -449,7 +462,8 @@ def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
             addresses = set(client.scheduler_info()["workers"])
         yield address, addresses
     finally:
-        workers.stop()
+        if workers is not None:
+            workers.stop()
         scheduler.stop()
 
 
@@ -493,12 +507,14 @@ def test_worker_without_its_pool_or_tracking_server_says_so_before_starting(
     assert "work pool 'gpu-pool' does not exist" in no_pool.stderr
     assert "aemnist deploy" in no_pool.stderr
 
-    dead = f"http://127.0.0.1:{free_port()}"
-    for command in (["worker"], ["deploy"]):
-        result = run_cli(command, home=home, env={**stack.env, "MLFLOW_TRACKING_URI": dead})
-        assert result.returncode == 2, command
-        assert f"MLflow tracking server {dead} is unreachable" in result.stderr, command
-        assert "Traceback" not in result.stderr
+    with refused_port() as port:
+        dead = f"http://127.0.0.1:{port}"
+        for command in (["worker"], ["deploy"]):
+            env = {**stack.env, "MLFLOW_TRACKING_URI": dead}
+            result = run_cli(command, home=home, env=env)
+            assert result.returncode == 2, command
+            assert f"MLflow tracking server {dead} is unreachable" in result.stderr, command
+            assert "Traceback" not in result.stderr
 
 
 def test_server_commands_name_the_missing_server_the_busy_port_and_the_timeout(
@@ -509,8 +525,9 @@ def test_server_commands_name_the_missing_server_the_busy_port_and_the_timeout(
         unset = run_cli(command, home=home)
         assert unset.returncode == 2
         assert f"`aemnist {command[0]}` needs a Prefect server" in unset.stderr
-    silent = f"http://127.0.0.1:{free_port()}/api"
-    down = run_cli(["worker"], home=home, env={"PREFECT_API_URL": silent})
+    with refused_port() as port:
+        silent = f"http://127.0.0.1:{port}/api"
+        down = run_cli(["worker"], home=home, env={"PREFECT_API_URL": silent})
     assert down.returncode == 2
     assert f"no Prefect server answers at PREFECT_API_URL={silent}" in down.stderr
 
@@ -519,40 +536,40 @@ def test_server_commands_name_the_missing_server_the_busy_port_and_the_timeout(
         busy.listen()
         port = busy.getsockname()[1]
         taken = run_cli(
-            ["server", "--workdir", str(tmp_path / "w"), "--mlflow-port", str(port)], home=home
-        )
+            ["server", "--workdir", str(tmp_path / "w"), "--prefect-port", "0",
+             "--mlflow-port", str(port)],
+            home=home,
+        )  # fmt: skip
     assert taken.returncode == 2
     assert f"cannot start the MLflow server on 127.0.0.1:{port}: the port is in use" in (
         taken.stderr
     )
 
-    late = run_cli(
-        [
-            "server",
-            "--workdir",
-            str(tmp_path / "w"),
-            "--prefect-port",
-            str(free_port()),
-            "--mlflow-port",
-            str(free_port()),
-            "--timeout",
-            "1",
-        ],
-        home=home,
-    )
+    # A Prefect server whose database another process holds locked waits for the lock
+    # (up to PREFECT_SERVER_DATABASE_TIMEOUT) before it binds its port: it cannot answer.
+    database = tmp_path / "w" / "server" / "prefect.db"
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with closing(sqlite3.connect(database, isolation_level=None)) as lock:
+        lock.execute("BEGIN EXCLUSIVE")
+        late = run_cli(
+            ["server", "--workdir", str(tmp_path / "w"), "--prefect-port", "0",
+             "--mlflow-port", "0", "--timeout", "1"],
+            home=home,
+            env={"PREFECT_SERVER_DATABASE_TIMEOUT": "600"},
+        )  # fmt: skip
     assert late.returncode == 2
-    assert "did not answer at http://127.0.0.1:" in late.stderr
-    assert "within 1 s" in late.stderr
+    assert "the Prefect server did not answer within 1 s" in late.stderr
     assert str(tmp_path / "w" / "server") in late.stderr  # names its log
 
 
 def test_dask_address_without_a_scheduler_fails_before_any_work(tmp_path: Path) -> None:
-    address = f"tcp://127.0.0.1:{free_port()}"
-    result = run_cli(
-        ["run", "--profile", "smoke", "--workdir", str(tmp_path / "w"), "--task-runner", "dask",
-         "--dask-address", address],
-        home=tmp_path / "home",
-    )  # fmt: skip
+    with refused_port() as port:
+        address = f"tcp://127.0.0.1:{port}"
+        result = run_cli(
+            ["run", "--profile", "smoke", "--workdir", str(tmp_path / "w"), "--task-runner",
+             "dask", "--dask-address", address],
+            home=tmp_path / "home",
+        )  # fmt: skip
     assert result.returncode == 2
     assert f"no Dask scheduler answers at {address}" in result.stderr
     assert not (tmp_path / "w" / "mlflow.db").exists()
@@ -574,3 +591,38 @@ def test_a_temporary_prefect_server_that_cannot_start_gives_one_clear_error(
     assert "aemnist: error: the temporary Prefect server exited with code 3" in result.stderr
     assert "start one with `aemnist server`" in result.stderr
     assert not (tmp_path / "w" / "grid").exists()  # no task ran
+
+
+def test_a_deployment_run_honours_runtime_workers_and_gives_the_cli_runs_tables(
+    stack: Stack, deployed: list[str], tmp_path: Path, mnist_mirror: Path
+) -> None:
+    # runtime.workers = 1 from a config file: the deployment run must size its task runner
+    # from it (before, a deployment ran the decorator's one-per-core runner whatever it said).
+    config = tmp_path / "one-worker.toml"
+    config.write_text("[runtime]\nworkers = 1\n")
+    deployed_dir, cli_dir = tmp_path / "deployed", tmp_path / "cli"
+    with stack.worker("single") as worker:
+        proc = stack.prefect(
+            "deployment", "run", "study/smoke",
+            "--param", f"workdir={deployed_dir}", "--param", f"config_file={config}",
+        )  # fmt: skip
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
+        assert stack.wait_for_flow_run(flow_run_id) == "COMPLETED", worker.output()[-5000:]
+
+    client = MlflowClient(stack.mlflow_uri)
+    (parent,) = parents_of(client, flow_run_id)
+    assert parent.data.params["runtime.workers"] == "1"
+    runs = nested_runs(client, parent.info.run_id)
+    spans = sorted((runs[name].info.start_time, runs[name].info.end_time) for name in grid_names())
+    # One task slot: each grid task started after the one before it had ended.
+    assert all(later[0] >= earlier[1] for earlier, later in pairwise(spans)), spans
+
+    result = run_cli(
+        smoke_run(cli_dir, mnist_mirror, "--config", str(config)), home=tmp_path / "home"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tables = sorted(p.relative_to(deployed_dir) for p in deployed_dir.rglob("*.parquet")
+                    if "mlartifacts" not in p.parts and p.parts[-2] != "data")  # fmt: skip
+    assert len(tables) >= 10
+    for name in tables:  # same machine, same config and seed: the same bytes
+        assert (deployed_dir / name).read_bytes() == (cli_dir / name).read_bytes(), name

@@ -4,25 +4,27 @@ resume, and the errors that must come before any training."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO_ROOT, free_port, nested_runs, run_cli, smoke_run
+from cli_helpers import REPO_ROOT, nested_runs, refused_port, run_cli, smoke_run
 from mlflow import MlflowClient
 
 from aemnist import plan
 from aemnist.config import load_config
+from aemnist.faults import pause_marker
 from aemnist.tracking import EXPERIMENT, embedded_tracking_uri
 
 SMOKE = load_config("smoke")
-GRID = [label for label, *_ in plan.grid_labels(SMOKE)]
+GRID = plan.STAGES["grid"].labels(SMOKE)
 TRAINING_STAGES = ("grid", "sweep", "final")
 
 
@@ -230,6 +232,11 @@ def test_kill_9_mid_sweep_resumes_from_the_last_finished_epoch(study: Study) -> 
     config.write_text("[sweep]\nepochs = 6\n")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "AEMNIST_FAULT")}
     env["PREFECT_HOME"] = str(study.home)
+    # Sweep size 8 pauses for good once epoch 3 is trained, checkpointed and logged, and says
+    # so: killed then, its last checkpoint is epoch 3's for certain, however fast the
+    # remaining epochs would have been.
+    env["AEMNIST_FAULT"] = "pause:sweep:size=8,epoch=3"
+    paused = pause_marker("sweep", epoch=3, size=8)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -252,23 +259,41 @@ def test_kill_9_mid_sweep_resumes_from_the_last_finished_epoch(study: Study) -> 
         text=True,
         start_new_session=True,
     )
-    seen = []
+
+    def kill() -> None:
+        with contextlib.suppress(ProcessLookupError):  # the whole group may be gone already
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    seen: list[str] = []
+    # A safety net, not the synchronisation: should the marker never come, the run is killed
+    # after 5 minutes, which ends its output and the loop below; the test then fails.
+    safety_net = threading.Timer(300, kill)
+    safety_net.start()
     try:
-        deadline = time.monotonic() + 300
         for line in proc.stdout:
             seen.append(line)
-            if "sweep size=8 epoch 3/6 trained" in line or time.monotonic() > deadline:
+            if paused in line:
                 break
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        safety_net.cancel()
+        kill()
         proc.wait()
-    assert any("sweep size=8 epoch 3/6 trained" in line for line in seen), "".join(seen[-30:])
-    assert (study.workdir / "checkpoints" / "sweep_size=8.pt").exists()
+    output = "".join(seen)
+    assert paused in output, output[-4000:]
+    assert "sweep size=8 epoch 3/6 trained" in output
+    assert "sweep size=8 epoch 4/6" not in output
+    checkpoint = study.workdir / "checkpoints" / "sweep_size=8.pt"
+    assert checkpoint.exists()
+    from aemnist.training import load_training_state
+
+    state = load_training_state(checkpoint)
+    assert state is not None and [int(row[0]) for row in state["history"]] == [1, 2, 3]
 
     result = study.run("--config", str(config))
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "sweep size=8 epoch 3/6 restored from checkpoint" in output
+    assert "sweep size=8 epoch 4/6 trained" in output
     assert "sweep size=8 epoch 1/6 trained" not in output
     assert "marked KILLED" in output
     killed, resumed = study.parents()[-2:]
@@ -278,13 +303,14 @@ def test_kill_9_mid_sweep_resumes_from_the_last_finished_epoch(study: Study) -> 
 
 
 def test_unreachable_tracking_server_stops_the_run_before_training(tmp_path: Path) -> None:
-    server = f"http://127.0.0.1:{free_port()}"
     workdir = tmp_path / "work"
-    result = run_cli(
-        ["run", "--profile", "smoke", "--workdir", str(workdir)],
-        tmp_path / "home",
-        env={"MLFLOW_TRACKING_URI": server},
-    )
+    with refused_port() as port:
+        server = f"http://127.0.0.1:{port}"
+        result = run_cli(
+            ["run", "--profile", "smoke", "--workdir", str(workdir)],
+            tmp_path / "home",
+            env={"MLFLOW_TRACKING_URI": server},
+        )
     assert result.returncode == 2
     assert f"MLflow tracking server {server} is unreachable" in result.stderr
     assert "MLFLOW_TRACKING_URI" in result.stderr and "Traceback" not in result.stderr

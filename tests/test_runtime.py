@@ -11,9 +11,11 @@ from cli_helpers import run_cli
 from aemnist import plan
 from aemnist.caching import stage_key
 from aemnist.config import DeviceError, load_config, run_overrides
+from aemnist.jobs import FoldJob
 from aemnist.layout import Layout
 from aemnist.runtime import parallel_workers, resolve_device, with_resolved_device
 from aemnist.schemas import TableRef
+from aemnist.training import DEFAULT_OPTIONS
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 
@@ -57,17 +59,20 @@ def test_gpu_tasks_share_the_gpu_by_the_configured_concurrency() -> None:
     assert parallel_workers(3, "cpu", gpu_concurrency=6) == 3
 
 
-def _grid_key(device: str) -> tuple[dict, str]:
+def _grid_key(device: str) -> tuple[FoldJob, str]:
+    # The study as resolve_study would give it on a machine with that device.
     config = load_config("smoke", overrides=run_overrides(device=device))
+    study = plan.Study(config, Layout(Path("/w")), 2, 1, 2, DEFAULT_OPTIONS)
     ref = TableRef(path="/w/data/mnist_train.parquet", sha256="ab" * 32, rows=3000)
     folds = TableRef(path="/w/folds.parquet", sha256="cd" * 32, rows=3000)
-    inputs = plan.grid_inputs(config, Layout(Path("/w")), ref, folds, 0.01, 1e-5, 0)
-    return inputs, stage_key("grid", inputs)
+    upstream = {"download": [{"train": ref, "test": ref}], "folds": [folds]}
+    job = plan.STAGES["grid"].jobs(study, upstream)[0]
+    return job, stage_key("grid", job)
 
 
 def test_a_gpu_result_is_keyed_apart_from_the_cpu_one() -> None:
-    cpu_inputs, cpu_key = _grid_key("cpu")
-    cuda_inputs, cuda_key = _grid_key("cuda")
+    cpu_job, cpu_key = _grid_key("cpu")
+    cuda_job, cuda_key = _grid_key("cuda")
 
-    assert cpu_inputs["device"] == "cpu" and cuda_inputs["device"] == "cuda"
+    assert cpu_job.compute.device == "cpu" and cuda_job.compute.device == "cuda"
     assert cuda_key != cpu_key

@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from cli_helpers import (
     REPO_ROOT,
+    SMOKE_FINAL_MSE_BOUND,
+    assert_registered_model_is_the_final_model,
     expected_task_runs,
-    free_port,
     grid_names,
     nested_runs,
     run_cli,
@@ -26,9 +27,11 @@ from cli_helpers import (
 )
 from mlflow import MlflowClient
 
-from aemnist.config import load_config
+from aemnist import caching, plan
+from aemnist.config import load_config, read_saved_config
 from aemnist.layout import Layout
 from aemnist.runtime import with_resolved_device
+from aemnist.status import study_status
 from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
 
 # As the run resolves it: runtime.device auto becomes the device it ran on.
@@ -83,7 +86,7 @@ def test_parent_run_holds_the_resolved_config_and_links_to_prefect(smoke_study) 
     assert parent.data.params["grid.learning_rates"] == "[0.01, 0.005]"
     assert parent.data.tags["config_hash"] == SMOKE.config_hash()
     assert re.fullmatch(r"[0-9a-f-]{36}", parent.data.tags["prefect.flow_run_id"])
-    assert 0 < parent.data.metrics["final_test_mse"] < 0.2
+    assert 0 < parent.data.metrics["final_test_mse"] < SMOKE_FINAL_MSE_BOUND
 
 
 def test_one_nested_run_per_task_each_finished(smoke_study) -> None:
@@ -120,7 +123,7 @@ def test_parallel_grid_runs_keep_their_own_params_and_per_epoch_metrics(smoke_st
 
 
 def test_final_model_is_registered_and_loads(smoke_study) -> None:
-    _, _, client, parents = smoke_study
+    workdir, _, client, parents = smoke_study
     import mlflow.pytorch
     import torch
 
@@ -136,6 +139,8 @@ def test_final_model_is_registered_and_loads(smoke_study) -> None:
     with torch.inference_mode():
         out = model(torch.zeros(2, 1, 28, 28))
     assert out.shape == (2, 1, 28, 28)
+    assert_registered_model_is_the_final_model(model, workdir, final.data.metrics["test_mse"])
+    assert final.data.metrics["test_mse"] == parents[0].data.metrics["final_test_mse"]
     history = client.get_metric_history(final.info.run_id, "test_loss")
     assert [m.step for m in history] == list(range(1, SMOKE.final.epochs + 1))
 
@@ -158,21 +163,72 @@ def test_report_and_its_figures_exist_and_are_logged(smoke_study) -> None:
     assert "report.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
 
 
-def test_stage_tables_are_deterministic_for_the_same_seed(smoke_study) -> None:
-    """The stored summaries equal what the same config gives again (tables, not timings)."""
+def test_stage_tables_are_deterministic_for_the_same_seed(smoke_study, tmp_path: Path) -> None:
+    """Training one grid fold and one sweep size again, with the config, seed, data, device,
+    torch threads and kernels the study used, gives exactly the tables it stored; and the
+    stored grid summary is what its histories aggregate to."""
     workdir, _, _, _ = smoke_study
-    from aemnist.schemas import read_frame
+    import pandas as pd
+    import torch
+
+    from aemnist import plan
+    from aemnist.config import read_saved_config
+    from aemnist.data import load_images
+    from aemnist.runtime import set_torch_threads
+    from aemnist.schemas import read_frame, write_table
     from aemnist.summaries import grid_summary
+    from aemnist.training import train_fold, train_size
 
     layout = Layout(workdir)
     histories = [
         read_frame(p, "grid_history") for p in sorted((workdir / "grid").glob("*.parquet"))
     ]
-    import pandas as pd
-
     again = grid_summary(pd.concat(histories, ignore_index=True))
     stored = read_frame(layout.grid_summary, "grid_summary")
     np.testing.assert_allclose(again["val_loss_mean"], stored["val_loss_mean"])
+
+    # The config as the study saved it (its device resolved), resolved again as every launch
+    # resolves it: the torch threads of each grid and sweep task and the training options.
+    config = read_saved_config(layout.config)
+    study = plan.resolve_study(config, workdir)
+    train = load_images(layout.train_table, config.data.train_limit)
+    test = load_images(layout.test_table, config.data.test_limit)
+    lr, wd, fold = config.grid.learning_rates[-1], config.grid.weight_decays[-1], 1
+    size = config.sweep.sizes[-1]
+    best = stored.iloc[0]  # the sweep trains with Table 1's best settings
+    threads = torch.get_num_threads()
+    # CPU sums are split by thread: the same count as the tasks, or the last bits can move.
+    set_torch_threads(study.threads)
+    try:
+        common = {
+            "batch_size": config.training.batch_size,
+            "seed": config.seed,
+            "eval_batch_size": config.training.eval_batch_size,
+            "device": config.runtime.device,
+            "options": study.options,
+        }
+        fold_history = train_fold(
+            train, read_frame(layout.folds, "folds"), fold, lr=lr, weight_decay=wd,
+            size=config.grid.size, epochs=config.grid.epochs, **common,
+        )  # fmt: skip
+        _, size_history = train_size(
+            train, test, size=size, lr=float(best.lr), weight_decay=float(best.weight_decay),
+            epochs=config.sweep.epochs, plateau_patience=config.sweep.plateau_patience,
+            stage="sweep", selection=config.sweep.selection,
+            validation_images=config.sweep.validation_images, **common,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    # Same machine, same inputs: equal to the last bit, as the tables the tasks wrote.
+    for frame, schema, path in (
+        (fold_history, "grid_history", layout.grid_history(lr, wd, fold)),
+        (size_history, "sweep_history", layout.sweep_history(size)),
+    ):
+        retrained = write_table(frame, tmp_path / path.name, schema)
+        pd.testing.assert_frame_equal(
+            read_frame(retrained.path, schema), read_frame(path, schema), check_exact=True
+        )
+        assert Path(retrained.path).read_bytes() == path.read_bytes(), path.name
 
 
 def test_report_command_rebuilds_the_report_from_stored_tables(smoke_study, tmp_path: Path) -> None:
@@ -191,10 +247,9 @@ def test_report_command_rebuilds_the_report_from_stored_tables(smoke_study, tmp_
 
 def test_ui_command_serves_the_study_runs(smoke_study, tmp_path: Path) -> None:
     workdir, _, _, parents = smoke_study
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "ui", "--workdir", str(workdir), "--port", str(port)],
+        [sys.executable, "-m", "flows.cli", "ui", "--workdir", str(workdir), "--port", "0"],
         cwd=REPO_ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -202,7 +257,11 @@ def test_ui_command_serves_the_study_runs(smoke_study, tmp_path: Path) -> None:
         start_new_session=True,
     )
     try:
-        base = f"http://127.0.0.1:{port}"
+        # Port 0: the UI binds a free port and prints its URL once it answers.
+        announced = re.compile(rb"MLflow UI on (http://127\.0\.0\.1:\d+) ")
+        url = next(filter(None, map(announced.search, proc.stdout)), None)
+        assert url is not None, "the MLflow UI exited without printing its URL"
+        base = url.group(1).decode()
         deadline = time.monotonic() + 90
         body = None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -255,3 +314,49 @@ def test_unwritable_workdir_gives_one_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"work dir {blocker / 'work'} is not writable" in result.stderr
     assert "--workdir" in result.stderr
+
+
+# --- one declaration: the flow and `aemnist status` see the same tasks and keys --------------
+
+
+def _resolved_smoke(workdir: Path) -> plan.Study:
+    """The smoke study as the run resolved it (its saved config, this machine's slots)."""
+    return plan.resolve_study(read_saved_config(workdir / "study_config.json"), workdir)
+
+
+def test_status_sees_every_task_the_flow_ran_under_the_same_key(smoke_study) -> None:
+    workdir, _, client, parents = smoke_study
+    rows = study_status(_resolved_smoke(workdir))
+    ran = nested_runs(client, parents[0].info.run_id)
+    keyed = {row.label: row.key for row in rows if row.stage != "download"}
+    # Every task the flow ran is one status lists, under the key the flow's task had.
+    assert set(ran) - {"download"} == set(keyed)
+    assert {name: run.data.tags["aemnist.task_key"] for name, run in ran.items()
+            if name != "download"} == keyed  # fmt: skip
+    assert all(row.state == "cached" for row in rows if row.stage != "download")
+
+
+def test_editing_a_module_a_stage_imports_reruns_that_stage_and_what_follows(
+    smoke_study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workdir = smoke_study[0]
+    source = caching.module_source
+    edited = b"\n# an edit\n"
+    monkeypatch.setattr(
+        caching,
+        "module_source",
+        lambda module: source(module) + (edited if module == "aemnist.embedding" else b""),
+    )
+    caching.code_version.cache_clear()
+    try:
+        rows = study_status(_resolved_smoke(workdir))
+    finally:
+        monkeypatch.undo()
+        caching.code_version.cache_clear()
+    states = {row.label: row.state for row in rows}
+    assert states["embedding"] == "pending"
+    assert states["report"] == "pending"  # reads the embedding table
+    assert all(
+        state in ("cached", "done") for label, state in states.items()
+        if label not in ("embedding", "report")
+    ), states  # fmt: skip

@@ -1,0 +1,232 @@
+"""Typed jobs: everything one task computes from, in one frozen value.
+
+A task takes one job. Its label (the Prefect task run name and the MLflow run name), its
+checkpoint, its MLflow parameters and its cache key (aemnist.caching.stage_key, over every
+field) all come from the job, so they cannot disagree. aemnist.plan builds the jobs of each
+stage from the config and the results of the stages before it.
+
+Light on purpose (no torch, pandas or pyarrow at import): `aemnist run` reads the stage
+declarations before its heavy imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aemnist.layout import Layout
+
+if TYPE_CHECKING:
+    from aemnist.config import (
+        CorruptionConfig,
+        EmbeddingConfig,
+        StudyConfig,
+        TrainingConfig,
+    )
+    from aemnist.schemas import TableRef
+    from aemnist.training import TrainingOptions
+
+
+def size_label(stage: str, size: int, repeat: int = 0) -> str:
+    """A sweep or final task's name; repeat 0 keeps the single-seed name."""
+    return f"{stage} size={size}" + (f" repeat={repeat}" if repeat else "")
+
+
+def grid_label(lr: float, weight_decay: float, fold: int) -> str:
+    return f"grid lr={lr:g} wd={weight_decay:g} fold={fold}"
+
+
+@dataclass(frozen=True)
+class DownloadJob:
+    layout: Layout
+    mirror: str | None
+    force: bool  # fetch again even when the tables are verified (--refresh download)
+
+    label = "download"
+
+
+@dataclass(frozen=True)
+class FoldsJob:
+    layout: Layout
+    train: TableRef
+    train_limit: int
+    k: int
+    seed: int
+
+    label = "folds"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Where and how a training or evaluation task computes: part of its key, since the
+    device, the torch threads (CPU sums are split by thread) and the speed options each
+    change the last digits of what it computes."""
+
+    device: str
+    threads: int
+    options: TrainingOptions
+
+
+@dataclass(frozen=True)
+class FoldJob:
+    """One cell of the grid search: train on every fold but ``fold``, validate on it."""
+
+    layout: Layout
+    train: TableRef
+    folds: TableRef
+    train_limit: int
+    lr: float
+    weight_decay: float
+    fold: int
+    size: int
+    epochs: int
+    training: TrainingConfig
+    seed: int
+    compute: Compute
+
+    stage = "grid"
+
+    @property
+    def label(self) -> str:
+        return grid_label(self.lr, self.weight_decay, self.fold)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.layout.checkpoint(self.label)
+
+    @property
+    def output(self) -> Path:
+        return self.layout.grid_history(self.lr, self.weight_decay, self.fold)
+
+    @property
+    def fault_key(self) -> dict[str, Any]:
+        """What an AEMNIST_FAULT spec matches on (aemnist.faults)."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay, "fold": self.fold}
+
+    def params(self) -> dict[str, Any]:
+        """The MLflow parameters of its run."""
+        return {
+            "stage": self.stage,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "fold": self.fold,
+            "size": self.size,
+            "epochs": self.epochs,
+            "batch_size": self.training.batch_size,
+            "seed": self.seed,
+            "device": self.compute.device,
+        }
+
+
+@dataclass(frozen=True)
+class SizeJob:
+    """Training at one encoding size on the whole training set: a sweep task or a final
+    model (``stage``), one seed (``repeat``)."""
+
+    stage: str  # "sweep" or "final"
+    layout: Layout
+    train: TableRef
+    test: TableRef
+    train_limit: int
+    test_limit: int
+    size: int
+    repeat: int
+    lr: float
+    weight_decay: float
+    epochs: int
+    plateau_patience: int
+    selection: str
+    validation_images: int
+    training: TrainingConfig
+    seed: int
+    compute: Compute
+
+    @property
+    def label(self) -> str:
+        return size_label(self.stage, self.size, self.repeat)
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.layout.checkpoint(self.label)
+
+    @property
+    def fault_key(self) -> dict[str, Any]:
+        return {"size": self.size}
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "stage": self.stage,
+            "size": self.size,
+            "repeat": self.repeat,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "epochs": self.epochs,
+            "plateau_patience": self.plateau_patience,
+            "selection": self.selection,
+            "batch_size": self.training.batch_size,
+            "seed": self.seed,
+            "device": self.compute.device,
+        }
+
+
+@dataclass(frozen=True)
+class SummaryJob:
+    """An aggregation over every history of a training stage (Table 1 or Table 2)."""
+
+    stage: str  # "grid-summary" or "sweep-summary"
+    layout: Layout
+    histories: tuple[TableRef, ...]
+    score_last: int = 0  # Table 2: the last epochs a size is scored on
+
+    @property
+    def label(self) -> str:
+        return self.stage.replace("-", " ")
+
+
+@dataclass(frozen=True)
+class CorruptionJob:
+    layout: Layout
+    test: TableRef
+    test_limit: int
+    model: TableRef
+    corruption: CorruptionConfig
+    training: TrainingConfig
+    seed: int
+    compute: Compute
+
+    label = "corruption"
+
+
+@dataclass(frozen=True)
+class EmbeddingJob:
+    layout: Layout
+    test: TableRef
+    test_limit: int
+    model: TableRef
+    embedding: EmbeddingConfig
+    seed: int
+    compute: Compute
+
+    label = "embedding"
+
+
+@dataclass(frozen=True)
+class ReportJob:
+    config: StudyConfig
+    layout: Layout
+    tables: tuple[TableRef, ...]
+
+    label = "report"
+
+
+Job = (
+    DownloadJob
+    | FoldsJob
+    | FoldJob
+    | SizeJob
+    | SummaryJob
+    | CorruptionJob
+    | EmbeddingJob
+    | ReportJob
+)

@@ -1,0 +1,217 @@
+"""The production stack's commands: `server` (a Prefect server and an MLflow tracking
+server), `deploy` (the work pool and the study's deployments), `worker`, and `ui` (the
+MLflow UI on a work dir's store)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from deployments.stack import WORK_POOL, StackError
+from flows.cli.options import add_host, add_port, add_workdir
+
+if TYPE_CHECKING:
+    from flows.cli.options import Commands
+
+
+def add_ui(commands: Commands) -> None:
+    ui = commands.add_parser(
+        "ui",
+        help="serve the MLflow UI on a work dir's store",
+        description="Serve the MLflow UI on the embedded store of a work dir "
+        "(its SQLite database and artifact folder).",
+    )
+    add_workdir(ui)
+    add_port(ui, "--port", 5000)
+    add_host(ui, "to bind")
+    ui.set_defaults(handler=_ui)
+
+
+def add_server(commands: Commands) -> None:
+    server = commands.add_parser(
+        "server",
+        help="start a Prefect server and an MLflow tracking server; print their URLs",
+        description="Start a Prefect server (API and UI; its database in WORKDIR/server) and "
+        "an MLflow tracking server on the work dir's store (WORKDIR/mlflow.db and "
+        "WORKDIR/mlartifacts), wait until both answer, print their URLs and the variables "
+        "that point the other commands at them, and serve until Ctrl-C.",
+    )
+    add_workdir(server)
+    add_host(server, "both servers bind")
+    add_port(server, "--prefect-port", 4200)
+    add_port(server, "--mlflow-port", 5000)
+    server.add_argument(
+        "--timeout",
+        type=float,
+        default=180.0,
+        help="seconds to wait for both servers to answer (default: 180)",
+    )
+    server.set_defaults(handler=_server)
+
+
+def add_deploy(commands: Commands) -> None:
+    deploy = commands.add_parser(
+        "deploy",
+        help=f"create the {WORK_POOL!r} process work pool and the study's deployments",
+        description=f"Create the process work pool {WORK_POOL!r} (unless it exists) and apply "
+        f"deployments/prefect.yaml: the study flow as study/smoke, study/quick and "
+        f"study/paper. Needs PREFECT_API_URL.",
+    )
+    deploy.set_defaults(handler=_deploy)
+
+
+def add_worker(commands: Commands) -> None:
+    worker = commands.add_parser(
+        "worker",
+        help=f"start a process worker on the {WORK_POOL!r} pool",
+        description="Start a Prefect process worker that runs the study's deployments. Its "
+        "environment (MLFLOW_TRACKING_URI, AEMNIST_MNIST_MIRROR) passes to every run it "
+        "starts. Needs PREFECT_API_URL and the pool (`aemnist deploy`).",
+    )
+    worker.add_argument("--pool", default=WORK_POOL, help=f"(default: {WORK_POOL})")
+    worker.add_argument("--limit", type=int, help="at most this many flow runs at once")
+    worker.add_argument("--name", help="the worker's name (default: Prefect's)")
+    worker.set_defaults(handler=_worker)
+
+
+def _server(args: argparse.Namespace) -> int:
+    from aemnist.data import ensure_writable
+    from deployments.servers import (
+        check_port_free,
+        start_mlflow_server,
+        start_prefect_server,
+        wait_until_ready,
+    )
+
+    workdir = args.workdir.resolve()
+    ensure_writable(workdir)
+    state = workdir / "server"
+    state.mkdir(exist_ok=True)
+    check_port_free(args.host, args.prefect_port, "Prefect server", "--prefect-port")
+    check_port_free(args.host, args.mlflow_port, "MLflow server", "--mlflow-port")
+    print("Starting the Prefect server and the MLflow server ...", flush=True)
+    env = dict(os.environ)
+    services = [start_prefect_server(state, args.host, args.prefect_port, env)]
+    try:
+        services.append(start_mlflow_server(workdir, state, args.host, args.mlflow_port, env))
+        wait_until_ready(services, args.timeout)
+        prefect, mlflow = services
+        print(
+            f"Prefect server: {prefect.url}  (UI; API at {prefect.url}/api)\n"
+            f"MLflow server:  {mlflow.url}  (UI and tracking; store: {workdir})\n"
+            f"In each shell that deploys, starts a worker or runs the study:\n"
+            f"  export PREFECT_API_URL={prefect.url}/api\n"
+            f"  export MLFLOW_TRACKING_URI={mlflow.url}\n"
+            f"Logs: {state}/*.log. Ctrl-C stops both servers.",
+            flush=True,
+        )
+        # A plain `kill` stops the servers as Ctrl-C does.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        while all(service.alive() for service in services):
+            time.sleep(1.0)
+        dead = next(service for service in services if not service.alive())
+        raise StackError(
+            f"the {dead.name} stopped (exit code {dead.process.returncode}); see {dead.log}"
+        )
+    except KeyboardInterrupt:
+        print("Stopping the servers.", flush=True)
+        return 0
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from aemnist.tracking import TRACKING_ENV, check_reachable
+    from deployments.servers import require_prefect_api
+    from deployments.stack import deploy_study, ensure_work_pool
+
+    api = require_prefect_api("deploy")
+    tracking = os.environ.get(TRACKING_ENV)
+    if tracking:
+        check_reachable(tracking)
+    created = ensure_work_pool(WORK_POOL)
+    print(f"Work pool {WORK_POOL!r} (process) {'created' if created else 'exists'} on {api}")
+    names = deploy_study(os.environ)
+    print(f"Deployments: {', '.join(names)}")
+    print("Next: `aemnist worker`, then for instance `prefect deployment run study/smoke` "
+          "(override any parameter with --param NAME=VALUE)")  # fmt: skip
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from aemnist.tracking import TRACKING_ENV, check_reachable
+    from deployments.servers import require_prefect_api
+    from deployments.stack import work_pool_exists, worker_command
+
+    api = require_prefect_api("worker")
+    if not work_pool_exists(args.pool):
+        raise StackError(
+            f"work pool {args.pool!r} does not exist on {api}: create it and the deployments "
+            f"with `aemnist deploy`"
+        )
+    tracking = os.environ.get(TRACKING_ENV)
+    if tracking:
+        check_reachable(tracking)
+        print(f"Runs log to the MLflow tracking server {tracking}")
+    else:
+        print("MLFLOW_TRACKING_URI is not set: runs log to the embedded store of their work dir")
+    command = worker_command(args.pool, args.limit, args.name)
+    print(f"Worker on pool {args.pool!r} at {api}: {' '.join(command[2:])}", flush=True)
+    os.execv(command[0], command)
+    return 0  # not reached
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from aemnist.tracking import TrackingError, embedded_tracking_uri
+    from deployments.servers import launch_server, wait_until_answers
+
+    workdir = args.workdir.resolve()
+    if not (workdir / "mlflow.db").exists():
+        raise TrackingError(
+            f"{workdir} holds no MLflow store (mlflow.db); run `aemnist run --workdir {workdir}` "
+            f"first or pass the work dir of an earlier study with --workdir"
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        embedded_tracking_uri(workdir),
+        "--default-artifact-root",
+        (workdir / "mlartifacts").as_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        # One worker process serves one person's browser; MLflow's default of four costs
+        # seconds of start-up on two cores.
+        "--workers",
+        "1",
+    ]
+
+    def announce(port: int) -> None:
+        print(
+            f"MLflow UI on http://{args.host}:{port} (store: {workdir}); Ctrl-C stops it.",
+            flush=True,
+        )
+
+    if args.port:
+        announce(args.port)
+    # Its output is ours, and so is its process group: Ctrl-C stops it and then us.
+    service = launch_server("MLflow UI", command, os.environ, args.host, args.port, "/health")
+    with service.process as process:
+        try:
+            # On port 0, its URL once it answers: the port it bound is known only then.
+            if not args.port and wait_until_answers(service, math.inf, interval=0.2):
+                announce(service.port)
+            return process.wait()
+        except BaseException:  # as subprocess.call: no server left behind
+            process.kill()
+            raise

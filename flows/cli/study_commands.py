@@ -1,0 +1,238 @@
+"""The study's commands: `run` (the `study` flow, on a temporary Prefect server unless
+PREFECT_API_URL names one), `status` and `report`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+# Only light modules here: `aemnist run` starts its temporary Prefect server before it
+# imports torch, MLflow, pandas and Prefect, so that the server's start-up overlaps theirs.
+from aemnist.config import (
+    MIRROR_ENV,
+    PROFILES,
+    StudyConfig,
+    config_json_schema,
+    load_config,
+    read_saved_config,
+)
+from aemnist.layout import Layout
+from aemnist.plan import STAGES
+from deployments.servers import TemporaryPrefectServer
+from deployments.stack import PREFECT_API_ENV, StackError
+from flows.cli.options import add_config_options, add_workdir, study_config
+
+if TYPE_CHECKING:
+    from flows.cli.options import Commands
+
+
+def add_run(commands: Commands) -> None:
+    run = commands.add_parser(
+        "run",
+        help="run the whole study (the `study` flow)",
+        description="Run every stage of the study: download, folds, grid search, size sweep, "
+        "final model, corruption, embedding, report. Progress is logged as each task runs.",
+    )
+    add_config_options(run)
+    run.add_argument(
+        "--mnist-mirror",
+        metavar="PATH|URL",
+        help=f"a folder or URL holding the four MNIST files (.gz or raw); default: "
+        f"${MIRROR_ENV}, else torchvision's public mirrors",
+    )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="recompute every stage, reusing no earlier result or checkpoint",
+    )
+    run.add_argument(
+        "--refresh",
+        action="append",
+        choices=list(STAGES),
+        metavar="STAGE",
+        help=f"recompute STAGE and every stage that follows from it (repeatable); stages: "
+        f"{', '.join(STAGES)}",
+    )
+    run.add_argument(
+        "--task-runner",
+        choices=("threads", "dask"),
+        default="threads",
+        help="threads (the default: tasks side by side in this process) or dask (the grid, "
+        "sweep and other tasks on a Dask cluster through prefect-dask)",
+    )
+    run.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
+        help="the scheduler of an existing Dask cluster (with --task-runner dask); without "
+        "it a local cluster of one 1-thread worker process per task slot is started",
+    )
+    run.set_defaults(handler=_run)
+
+
+def add_status(commands: Commands) -> None:
+    status = commands.add_parser(
+        "status",
+        help="what a re-run would do: every stage and task as cached, partial, failed or pending",
+        description="List every stage and task of the current config with its state: cached "
+        "(its result is stored and a re-run reuses it), partial (interrupted; a re-run resumes "
+        "from its checkpoint), failed (its last attempt failed; a re-run retries it) or pending "
+        "(a re-run computes it).",
+    )
+    add_config_options(status)
+    status.set_defaults(handler=_status)
+
+
+def add_report(commands: Commands) -> None:
+    report = commands.add_parser(
+        "report",
+        help="rebuild report.md from the stored tables",
+        description="Rebuild report.md and its figures from the tables of a finished study.",
+    )
+    add_workdir(report)
+    report.set_defaults(handler=_report)
+
+
+def add_config(commands: Commands) -> None:
+    config = commands.add_parser(
+        "config",
+        help="print the resolved config of a profile (and --config file), or its JSON schema",
+        description="Print, as JSON, the config a run with these options would use (validated: "
+        "an invalid field is named), or with --schema the JSON schema of every field, with "
+        "types, ranges, allowed values and descriptions.",
+    )
+    config.add_argument("--profile", choices=PROFILES, help="as for run")
+    config.add_argument(
+        "--config", type=Path, metavar="FILE.toml", help="a TOML file overriding any field"
+    )
+    config.add_argument("--schema", action="store_true", help="print the JSON schema instead")
+    config.set_defaults(handler=_config)
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.schema:
+        print(json.dumps(config_json_schema(), indent=2))
+    else:
+        print(json.dumps(load_config(args.profile, args.config).to_dict(), indent=2))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    # A bad config value costs no server start and no training.
+    config = study_config(args)
+    if args.dask_address and args.task_runner != "dask":
+        raise StackError("--dask-address needs --task-runner dask")
+    if args.task_runner == "dask" and args.dask_address:
+        _check_dask_scheduler(args.dask_address)
+    started = time.monotonic()
+    # The server starts first: its seconds of start-up overlap the imports and checks below.
+    api = None if os.environ.get(PREFECT_API_ENV) else TemporaryPrefectServer()
+    return _run_study(args, config, api, started)
+
+
+def _run_study(
+    args: argparse.Namespace,
+    config: StudyConfig,
+    api: TemporaryPrefectServer | None,
+    started: float,
+) -> int:
+    from aemnist.data import ensure_writable
+    from aemnist.plan import resolve_study
+    from aemnist.tracking import TRACKING_ENV, open_store, resolve_tracking_uri
+
+    # The flow resolves the study from its parameters, as a deployment run does; resolving it
+    # here too (the same function) stops a device this machine lacks before the work dir is
+    # created.
+    resolve_study(config, args.workdir)
+    workdir = args.workdir.resolve()
+    ensure_writable(workdir)
+    # Opens (creates, migrates) the MLflow store now, while the server starts; or fails
+    # fast when a tracking server does not answer.
+    open_store(resolve_tracking_uri(workdir), workdir)
+
+    from flows.study import study
+
+    if api is not None:
+        api.ready()
+    with _heartbeats_off() if api is not None else contextlib.nullcontext():
+        report = study(
+            profile=config.profile,
+            workdir=str(workdir),
+            config_file=str(args.config.resolve()) if args.config else None,
+            mnist_mirror=args.mnist_mirror,
+            seed=args.seed,
+            fresh=args.fresh,
+            refresh=args.refresh,
+            device=args.device,
+            repeats=args.repeats,
+            task_runner=args.task_runner,
+            dask_address=args.dask_address,
+        )
+    tracking = os.environ.get(TRACKING_ENV)
+    print(f"\nStudy ({config.profile}) finished in {time.monotonic() - started:.0f} s.")
+    print(f"Report: {report}")
+    if tracking:
+        print(f"MLflow runs: {tracking}")
+    else:
+        print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open http://127.0.0.1:5000")
+    return 0
+
+
+def _heartbeats_off() -> contextlib.AbstractContextManager[object]:
+    """No flow-run heartbeats on a temporary server: they exist to tell a server that a
+    flow's process died, and this server dies with it; their thread's 1-second naps cost
+    up to a second at the end of every run."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
+def _check_dask_scheduler(address: str) -> None:
+    """A scheduler that does not answer is named before any work starts; so is a remote
+    cluster whose workers could not reach this machine's temporary Prefect server."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if not parsed.hostname or not parsed.port:
+        raise StackError(f"--dask-address {address!r} is not of the form tcp://HOST:PORT")
+    try:
+        socket.create_connection((parsed.hostname, parsed.port), timeout=5).close()
+    except OSError as exc:
+        raise StackError(
+            f"no Dask scheduler answers at {address} ({exc}): start one (`dask scheduler`, "
+            f"then `dask worker {address}` on each machine) or drop --dask-address to run on a "
+            f"local cluster"
+        ) from None
+    if parsed.hostname not in ("127.0.0.1", "localhost") and not os.environ.get(PREFECT_API_ENV):
+        raise StackError(
+            f"the Dask cluster at {address} runs tasks in processes that report to the Prefect "
+            f"API: set PREFECT_API_URL to a server they all reach (`aemnist server --host "
+            f"0.0.0.0` prints one), here and on every Dask worker"
+        )
+
+
+def _status(args: argparse.Namespace) -> int:
+    from aemnist.plan import resolve_study
+    from aemnist.status import format_status, study_status
+    from aemnist.tracking import embedded_tracking_uri, failed_task_keys, resolve_tracking_uri
+
+    study = resolve_study(study_config(args), args.workdir)
+    root = study.layout.root
+    uri = resolve_tracking_uri(root)
+    store_exists = uri != embedded_tracking_uri(root) or (root / "mlflow.db").exists()
+    failed = failed_task_keys(uri) if store_exists else set()
+    print(format_status(study_status(study, failed), study))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from aemnist.report import build_report
+
+    layout = Layout(args.workdir.resolve())
+    config = read_saved_config(layout.config)
+    print(f"Report: {build_report(layout, config)}")
+    return 0

@@ -1,0 +1,78 @@
+"""The stage declarations (aemnist.plan) and the flow that submits them: one entry per stage,
+one task per entry, typed flow parameters, and one resolution of the config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect.exceptions import ParameterTypeError
+
+from aemnist import plan
+from aemnist.config import load_config
+from aemnist.jobs import FoldJob, SizeJob
+from aemnist.runtime import cpu_count
+from aemnist.schemas import SCHEMAS
+from flows.study import STAGE_TASKS, prepare_study, study, task_runner_for
+
+
+def test_every_declared_stage_has_one_task_and_writes_declared_schemas() -> None:
+    assert list(STAGE_TASKS) == list(plan.STAGES)
+    for stage in plan.STAGES.values():
+        assert set(stage.tables) <= set(SCHEMAS), stage.name
+        assert set(stage.reads) < set(plan.STAGES), stage.name
+    # A task's cache policy is its own stage's (a task wired to another stage's key would
+    # reuse the wrong results).
+    for name, task in STAGE_TASKS.items():
+        if plan.STAGES[name].cached:
+            assert task.cache_policy.stage == name
+
+
+def test_the_flow_offers_the_profiles_devices_and_stages_and_refuses_other_values() -> None:
+    properties = study.parameters.model_dump()["properties"]
+    enum = properties["profile"]["anyOf"][0]["enum"]
+    assert enum == ["smoke", "quick", "paper"]
+    assert properties["device"]["anyOf"][0]["enum"] == ["auto", "cpu", "cuda"]
+    assert properties["refresh"]["anyOf"][0]["items"]["enum"] == list(plan.STAGES)
+    assert properties["task_runner"]["enum"] == ["threads", "dask"]
+    for bad in ({"profile": "huge"}, {"seed": 2**32}, {"repeats": 0}, {"refresh": ["gird"]}):
+        with pytest.raises(ParameterTypeError):
+            study.validate_parameters(bad)
+    valid = study.validate_parameters({"profile": "smoke", "seed": 3})
+    assert (valid["profile"], valid["seed"], valid["task_runner"]) == ("smoke", 3, "threads")
+
+
+def test_one_resolution_sizes_the_task_runner_from_runtime_workers(tmp_path: Path) -> None:
+    config = tmp_path / "one.toml"
+    config.write_text("[runtime]\nworkers = 1\ndevice = 'cpu'\n")
+    resolved = prepare_study("smoke", str(tmp_path / "w"), str(config), None, {}, frozenset())
+    assert (resolved.workers, resolved.threads, resolved.final_threads) == (
+        1,
+        cpu_count(),
+        cpu_count(),
+    )
+    runner = task_runner_for(resolved, "threads", None)
+    assert runner._max_workers == 1  # noqa: SLF001 - what the flow's tasks get
+    assert resolved.layout.root == (tmp_path / "w").resolve()
+    assert not (tmp_path / "w").exists()  # resolving writes nothing
+
+
+def test_jobs_carry_their_labels_checkpoints_and_fields(tmp_path: Path) -> None:
+    from aemnist.schemas import TableRef
+    from aemnist.training import DEFAULT_OPTIONS
+
+    config = load_config("smoke", overrides={"runtime": {"device": "cpu"}})
+    resolved = plan.Study(config, plan.Layout(tmp_path), 2, 1, 2, DEFAULT_OPTIONS)
+    ref = TableRef(str(tmp_path / "t.parquet"), "a" * 64, 10)
+    upstream = {"download": [{"train": ref, "test": ref}], "folds": [ref]}
+    grid = plan.STAGES["grid"].jobs(resolved, upstream)
+    assert [job.label for job in grid] == plan.STAGES["grid"].labels(config)
+    first = grid[0]
+    assert isinstance(first, FoldJob)
+    assert first.checkpoint == resolved.layout.checkpoint(first.label)
+    assert plan.STAGES["grid"].writes(first) == [
+        resolved.layout.grid_history(first.lr, first.weight_decay, first.fold)
+    ]
+    with pytest.raises(AttributeError):  # frozen: a job is what its key says
+        first.lr = 1.0  # type: ignore[misc]
+    assert SizeJob.__dataclass_params__.frozen
