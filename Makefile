@@ -10,14 +10,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
-# torch==2.14.1 and torchvision==0.29.1 are pinned in pyproject.toml; pip takes them from
-# this machine's disk.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e .
+# The tested versions (torch 2.14.1 and torchvision 0.29.1 among them, which pip takes from
+# this machine's disk) are pinned in constraints.txt; pyproject.toml holds the ranges.
+PIP_INSTALL := $(BIN)/python -m pip install --quiet -c constraints.txt
+
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP_INSTALL) -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+# The tests drive the Dask task runner too.
+$(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
+	$(PIP_INSTALL) -e '.[dev,dask]'
 	touch $@
 
 run: $(VENV)/.installed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -128,6 +129,10 @@ def _run(args: argparse.Namespace) -> int:
     config = study_config(args)
     if args.dask_address and args.task_runner != "dask":
         raise StackError("--dask-address needs --task-runner dask")
+    if args.task_runner == "dask" and importlib.util.find_spec("prefect_dask") is None:
+        raise StackError(
+            "--task-runner dask needs Dask and prefect-dask: pip install 'aemnist[dask]'"
+        )
     if args.task_runner == "dask" and args.dask_address:
         _check_dask_scheduler(args.dask_address)
     started = time.monotonic()
