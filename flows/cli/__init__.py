@@ -16,7 +16,7 @@ import sys
 # imports torch, MLflow, pandas and Prefect, so that the server's start-up overlaps theirs.
 from aemnist.config import ConfigError
 from deployments.stack import StackError
-from flows.cli import stack_commands, study_commands
+from flows.cli import bundle_commands, stack_commands, study_commands
 
 # In the order `aemnist --help` lists them.
 COMMANDS = (
@@ -28,6 +28,7 @@ COMMANDS = (
     stack_commands.add_worker,
     study_commands.add_report,
     study_commands.add_config,
+    bundle_commands.add_bundle,
 )
 
 # Offline machines: no analytics or telemetry calls, and room for a slow first start of the
