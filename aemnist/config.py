@@ -11,9 +11,12 @@ first error into one ``ConfigError`` that starts with the dotted field name.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import os
+import secrets
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -356,8 +359,22 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             f"config file {path} does not exist; check the path given to --config"
         ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"config file {path} is a folder, not a TOML file; give --config the .toml file's path"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); TOML files "
+            f"are UTF-8: save it as UTF-8 or give --config another file"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(
+            f"config file {path} cannot be read ({exc.strerror}); check its permissions or "
+            f"give --config another file"
+        ) from None
 
 
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -520,14 +537,53 @@ def _known_fields(loc: tuple[int | str, ...]) -> str:
 
 
 def save_config(config: StudyConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    """Write the config as JSON, atomically: to a temporary file beside ``path``, then renamed
+    over it, so that an interrupted write (a kill, a full disk) leaves the previous file or
+    none, never half of one."""
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    # A plain open ("x": a name no one else has) keeps the umask's permissions, as before.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno is not None:
+            # Named by the file it is about, not by the temporary one.
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 def read_saved_config(path: Path) -> StudyConfig:
+    rerun = "run `aemnist run` again with the same options to rewrite it"
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(
             f"{path} does not exist: no study has run in this work dir yet; run `aemnist run` first"
         ) from None
-    return from_dict(raw)
+    except IsADirectoryError:
+        raise ConfigError(
+            f"{path} is a folder, not the saved config; remove it and {rerun}"
+        ) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"{path} is not a valid saved config ({exc}); it was cut short or edited: {rerun}"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path} cannot be read ({exc.strerror}); check its permissions"
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path} is not a valid saved config (a JSON {type(raw).__name__}, not an object): "
+            f"{rerun}"
+        )
+    try:
+        return from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}; {rerun}") from None

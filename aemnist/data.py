@@ -4,21 +4,35 @@ Sources, in order of preference: a mirror given by the caller (a directory or a 
 the four files, gzip-compressed or raw), else torchvision's downloader and its public mirrors.
 The decompressed payload of every file is checked against its pin before anything is written,
 so a damaged or foreign file never reaches a table.
+
+A mirror URL is file, http or https; each file is read in chunks and refused past
+MAX_DOWNLOAD_BYTES (compressed) or its pinned size (decompressed). A URL's user and password
+go out as HTTP basic authentication; wherever a mirror is recorded, logged or put in an
+error it is redacted first (``redact_url``).
 """
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
+import http.client
+import io
+import os
 import shutil
+import socket
+import ssl
 import struct
 import tempfile
+import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
@@ -85,7 +99,105 @@ class DataError(RuntimeError):
 
 
 class MirrorUnreachable(DataError):
-    """A network error while fetching: worth retrying, unlike a wrong file."""
+    """A transient network error while fetching (a 503, a timeout, a reset connection): worth
+    retrying, unlike a wrong file, a refused connection or an unknown host."""
+
+
+# --- mirror URLs: which are allowed, and how they are shown -----------------------------------
+
+ALLOWED_SCHEMES = ("file", "http", "https")
+# Shown in place of a URL's user, password, query string and fragment.
+REDACTED = "***"
+# The most one file may be, compressed or raw: the largest MNIST file is 9.9 MB gzipped and
+# 45 MB raw. A mirror serving more (an endless stream) is cut off there.
+MAX_DOWNLOAD_BYTES = 64 * 2**20
+# The longest one file's download may take, however slowly its bytes trickle in.
+DOWNLOAD_DEADLINE_S = 900.0
+# HTTP statuses worth a retry: the server is busy or briefly down, not wrong.
+TRANSIENT_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
+_CHUNK = 2**20
+
+
+def redact_url(url: str | Path) -> str:
+    """``url`` without its user, password, query string and fragment (each shown as ``***``):
+    the one form in which a mirror is recorded, logged or put in an error. A folder path, or a
+    URL without any of them, comes back as it is."""
+    text = str(url)
+    if "://" not in text:
+        return text
+    scheme = text.split("://", 1)[0]
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a malformed netloc, e.g. a password holding "/"
+    except ValueError:
+        return f"{scheme}://{REDACTED}"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{REDACTED}@{netloc.rpartition('@')[2]}"
+    query = REDACTED if parts.query else ""
+    fragment = REDACTED if parts.fragment else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def has_secrets(url: str | Path | None) -> bool:
+    """Whether ``url`` names something ``redact_url`` hides (credentials, a query string)."""
+    return url is not None and redact_url(url) != str(url)
+
+
+def check_mirror(mirror: str | Path) -> None:
+    """Refuse a mirror URL of a scheme other than file, http and https, or without a host;
+    a folder path passes (its existence is checked when the download reads it)."""
+    text = str(mirror)
+    if "://" not in text:
+        return
+    shown = redact_url(text)
+    scheme = text.split("://", 1)[0].lower()
+    if scheme not in ALLOWED_SCHEMES:
+        raise DataError(
+            f"MNIST mirror {shown}: {scheme}:// URLs are not supported; give a folder or a "
+            f"{', '.join(s + '://' for s in ALLOWED_SCHEMES)} URL to --mnist-mirror or "
+            f"{MIRROR_ENV}"
+        )
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        raise DataError(
+            f"MNIST mirror {shown} is not a valid URL; check --mnist-mirror or {MIRROR_ENV}"
+        ) from None
+    if scheme == "file" and parts.netloc not in ("", "localhost"):
+        raise DataError(
+            f"MNIST mirror {shown}: a file URL names a folder on this machine "
+            f"(file:///path/to/folder); check --mnist-mirror or {MIRROR_ENV}"
+        )
+    if scheme != "file" and not parts.hostname:
+        raise DataError(f"MNIST mirror {shown} names no host; check --mnist-mirror or {MIRROR_ENV}")
+
+
+def flow_mirror_parameter(mirror: str | None) -> str | None:
+    """What `aemnist run` passes as the flow's ``mnist_mirror``: Prefect records a flow's
+    parameters, so a mirror URL that carries credentials or a query string goes through this
+    process's ``AEMNIST_MNIST_MIRROR`` instead (the flow falls back to it, and the processes
+    this one starts inherit it)."""
+    if mirror and has_secrets(mirror):
+        os.environ[MIRROR_ENV] = mirror
+        return None
+    return mirror
+
+
+def mirror_to_fetch(shown: str | None) -> str | None:
+    """The mirror a download fetches from, given the one its job records: a redacted URL is
+    the credentialed one in this process's ``AEMNIST_MNIST_MIRROR``."""
+    if not shown or has_secrets(shown) or REDACTED not in shown:
+        return shown
+    configured = os.environ.get(MIRROR_ENV)
+    if configured and redact_url(configured) == shown:
+        return configured
+    raise DataError(
+        f"MNIST mirror {shown}: its credentials are not in this process's {MIRROR_ENV}; set "
+        f"{MIRROR_ENV} to the full URL in the environment of every process that runs the "
+        f"download task (a Prefect worker's, a Dask worker's)"
+    )
 
 
 def parse_idx(payload: bytes, name: str) -> np.ndarray:
@@ -124,41 +236,161 @@ def check_pin(payload: bytes, name: str, source: str) -> None:
         )
 
 
-def _decompress(raw: bytes, source: str) -> bytes:
+def _decompress(raw: bytes, source: str, name: str) -> bytes:
+    """The payload of a gzip file, stopped one byte past the pinned size: a gzip bomb (a few
+    MB that inflate to gigabytes) is refused before it fills the memory."""
+    limit = PINS[name].n_bytes
     try:
-        return gzip.decompress(raw)
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as packed:
+            payload = packed.read(limit + 1)
     except (EOFError, OSError, zlib.error) as exc:
         raise DataError(
             f"{source}: not a complete gzip file ({exc}); it is truncated or damaged, "
             f"replace it with a good copy"
         ) from exc
+    if len(payload) > limit:
+        raise DataError(
+            f"{source}: decompresses to more than the {limit} bytes of the original {name}; "
+            f"it is not the original MNIST file: replace it or point {MIRROR_ENV} / "
+            f"--mnist-mirror at a good copy"
+        )
+    return payload
 
 
-def _read_from_dir(mirror: Path, name: str) -> tuple[bytes, str]:
+def _too_large(source: str, limit: int) -> DataError:
+    return DataError(
+        f"{source}: more than {limit // 2**20} MB, far more than any MNIST file (at most "
+        f"45 MB); the mirror serves something else or an endless stream: check it"
+    )
+
+
+def _read_capped(
+    read: Callable[[int], bytes], source: str, limit: int, deadline: float | None = None
+) -> bytes:
+    """Everything ``read`` gives, chunk by chunk, refusing more than ``limit`` bytes or, with
+    a ``deadline`` (a time.monotonic), a transfer that outlasts it."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := read(min(_CHUNK, limit + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise _too_large(source, limit)
+        if deadline is not None and time.monotonic() > deadline:
+            raise DataError(
+                f"{source}: still downloading after {DOWNLOAD_DEADLINE_S:.0f} s ({total} bytes "
+                f"so far); the mirror is too slow or serves an endless stream: use another"
+            )
+    return b"".join(chunks)
+
+
+def _read_from_dir(mirror: Path, name: str, limit: int) -> tuple[bytes, str]:
     for candidate, packed in ((mirror / f"{name}.gz", True), (mirror / name, False)):
         if candidate.exists():
-            raw = candidate.read_bytes()
-            return (_decompress(raw, str(candidate)) if packed else raw), str(candidate)
+            with open(candidate, "rb") as fh:
+                raw = _read_capped(fh.read, str(candidate), limit)
+            return (_decompress(raw, str(candidate), name) if packed else raw), str(candidate)
     raise DataError(
         f"MNIST mirror {mirror} has no {name}.gz (nor {name}); point {MIRROR_ENV} or "
         f"--mnist-mirror at a folder holding the four MNIST files"
     )
 
 
-def _read_from_url(mirror: str, name: str, timeout: float = 60.0) -> tuple[bytes, str]:
-    base = mirror.rstrip("/")
+class _Redirects(urllib.request.HTTPRedirectHandler):
+    """Follow a mirror's redirects to http(s) URLs only (urllib would follow one to ftp)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise DataError(
+                f"{redact_url(req.full_url)} redirects to {redact_url(newurl)}: only http and "
+                f"https redirects are followed; point --mnist-mirror or {MIRROR_ENV} at the "
+                f"files themselves"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_Redirects)
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A GET of ``url``, its user and password (if any) sent as HTTP basic authentication
+    (urllib would take them for part of the host name), and not on to a redirect's host."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    request = urllib.request.Request(bare)
+    credentials = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    token = base64.b64encode(credentials.encode()).decode("ascii")
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
+
+
+def _is_transient(reason: object) -> bool:
+    """Whether a network error is worth a retry. A refused connection (nothing listens
+    there), an unknown host or a certificate that does not verify will be the same in a
+    minute; a timeout, a reset connection or a name server's hiccup may not."""
+    if isinstance(reason, (ConnectionRefusedError, ssl.SSLCertVerificationError)):
+        return False
+    if isinstance(reason, socket.gaierror):
+        return reason.errno == socket.EAI_AGAIN
+    return isinstance(reason, (OSError, http.client.HTTPException))
+
+
+def _describe(reason: object) -> str:
+    if isinstance(reason, TimeoutError):
+        return "timed out"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+def _fetch_url(url: str, shown: str, timeout: float, limit: int) -> bytes:
+    deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
+    with _OPENER.open(_request(url), timeout=timeout) as response:
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise _too_large(shown, limit)
+        # read1: whatever has arrived, so that the deadline holds against a trickle.
+        return _read_capped(response.read1, shown, limit, deadline)
+
+
+def _file_url(base: str, name: str) -> str:
+    """``name`` in the mirror's folder, keeping its query string (a signed URL's)."""
+    parts = urlsplit(base)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{name}", fragment=""))
+
+
+def _read_from_url(
+    mirror: str, name: str, timeout: float = 60.0, limit: int = MAX_DOWNLOAD_BYTES
+) -> tuple[bytes, str]:
+    """One file from a mirror URL, gzipped or raw. Raises MirrorUnreachable (retried) when
+    a transient error stopped it, DataError when the mirror is wrong or refuses."""
     errors = []
-    for url, packed in ((f"{base}/{name}.gz", True), (f"{base}/{name}", False)):
+    transient = False
+    for url, packed in ((_file_url(mirror, f"{name}.gz"), True), (_file_url(mirror, name), False)):
+        shown = redact_url(url)
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                raw = response.read()
-        except (urllib.error.URLError, OSError) as exc:
-            errors.append(f"{url}: {exc}")
+            raw = _fetch_url(url, shown, timeout, limit)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            transient |= exc.code in TRANSIENT_HTTP
+            errors.append(f"{shown}: HTTP {exc.code} {exc.reason}")
             continue
-        return (_decompress(raw, url) if packed else raw), url
-    raise MirrorUnreachable(
-        f"MNIST mirror {mirror} did not serve {name}: {'; '.join(errors)}; check the URL "
-        f"given by {MIRROR_ENV} or --mnist-mirror"
+        except urllib.error.URLError as exc:  # could not connect: the same for both names
+            transient |= _is_transient(exc.reason)
+            errors.append(f"{shown}: {_describe(exc.reason)}")
+            break
+        except (OSError, http.client.HTTPException) as exc:  # cut off while reading
+            transient |= _is_transient(exc)
+            errors.append(f"{shown}: {_describe(exc)}")
+            continue
+        return (_decompress(raw, shown, name) if packed else raw), shown
+    error = MirrorUnreachable if transient else DataError
+    raise error(
+        f"MNIST mirror {redact_url(mirror)} did not serve {name} ({'; '.join(errors)}); "
+        f"check the URL given by {MIRROR_ENV} or --mnist-mirror"
+        + ("; retrying" if transient else "")
     )
 
 
@@ -178,22 +410,30 @@ def _read_with_torchvision(cache: Path) -> dict[str, tuple[bytes, str]]:
     return {name: ((raw_dir / name).read_bytes(), str(raw_dir / name)) for name in PINS}
 
 
-def fetch_payloads(mirror: str | Path | None, cache: Path) -> dict[str, tuple[bytes, str]]:
-    """The four decompressed, pin-checked payloads with where each came from."""
+def fetch_payloads(
+    mirror: str | Path | None, cache: Path, limit: int = MAX_DOWNLOAD_BYTES
+) -> dict[str, tuple[bytes, str]]:
+    """The four decompressed, pin-checked payloads with where each came from (a URL
+    redacted). A mirror is a folder or a file, http or https URL; each file is read in
+    chunks and refused past ``limit`` bytes."""
     if mirror is None or str(mirror) == "":
         payloads = _read_with_torchvision(cache)
     else:
         text = str(mirror)
-        if "://" in text and not text.startswith("file://"):
-            payloads = {name: _read_from_url(text, name) for name in PINS}
+        check_mirror(text)
+        if "://" in text and not text.lower().startswith("file://"):
+            payloads = {name: _read_from_url(text, name, limit=limit) for name in PINS}
         else:
-            folder = Path(text.removeprefix("file://")).expanduser()
+            if "://" in text:
+                folder = Path(unquote(urlsplit(text).path))
+            else:
+                folder = Path(text).expanduser()
             if not folder.is_dir():
                 raise DataError(
                     f"MNIST mirror {folder} does not exist or is not a folder; point "
                     f"{MIRROR_ENV} or --mnist-mirror at the folder holding the four MNIST files"
                 )
-            payloads = {name: _read_from_dir(folder, name) for name in PINS}
+            payloads = {name: _read_from_dir(folder, name, limit) for name in PINS}
     for name, (payload, source) in payloads.items():
         check_pin(payload, name, source)
     return payloads

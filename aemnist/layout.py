@@ -2,8 +2,27 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+# A work dir holds what the next run trusts (tables, cache records, checkpoints): its owner's
+# alone, as are the folders the project creates in it (aemnist.schemas writes files 0600).
+PRIVATE_MODE = 0o700
+
+
+def private_dir(path: Path) -> int:
+    """Create the folder ``path`` (with any missing parents) with mode 0700; an existing one
+    of this user's that others may enter is narrowed to that. Returns its mode afterwards
+    (still open to others when another user owns it)."""
+    path.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
+    info = path.stat()
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o077 and info.st_uid == os.getuid():
+        mode &= PRIVATE_MODE
+        os.chmod(path, mode)
+    return mode
 
 
 def _num(value: float) -> str:
@@ -104,6 +123,11 @@ class Layout:
     def cache_dir(self) -> Path:
         """Prefect's persisted task results, keyed by aemnist.caching.stage_key."""
         return self.root / "cache"
+
+    def make_private(self) -> dict[Path, int]:
+        """The work dir and its cache folder, created (or narrowed to) mode 0700; returns
+        each one's mode afterwards."""
+        return {path: private_dir(path) for path in (self.root, self.cache_dir)}
 
     def checkpoint(self, label: str) -> Path:
         """The per-epoch training state of one task (``label`` as in its task run name)."""

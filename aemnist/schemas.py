@@ -1,16 +1,23 @@
 """The parquet tables stages hand each other: the one module that owns their schemas.
 
 Every table is written atomically (a temporary file in the same folder, fsync, rename), so a
-reader never sees a half-written table, and checked against its schema when read.
+reader never sees a half-written table, and checked against its schema when read. What the
+project writes is its owner's alone (mode 0600); the temporary files a killed writer leaves
+are removed at the start of the next run (remove_stale_temps).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import os
+import re
+import stat
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -162,28 +169,117 @@ def hash_record(path: Path | str) -> Path:
     return path.with_name(f".{path.name}.sha256")
 
 
+# Temporary files of atomic writes: ``.NAME.PID-TOKEN.tmp`` beside the file they become.
+TEMP_NAME = re.compile(r"^\..+\.[0-9]+-[0-9a-f]{8}\.tmp$")
+# Files the project writes are its owner's alone (the work dir itself is 0700: aemnist.layout).
+FILE_MODE = 0o600
+# An atomic write holds its temporary file for seconds (fsync included); one untouched this
+# long was left by a killed writer, and is removed at the start of a run (remove_stale_temps)
+# unless a live writer still holds its lock.
+STALE_TEMP_SECONDS = 3600.0
+
+
+def temp_path(path: Path) -> Path:
+    """A new temporary name beside ``path`` (hidden, unique to this process and call)."""
+    name = path.name if path.name.startswith(".") else f".{path.name}"
+    return path.with_name(f"{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _lock(fd: int) -> bool:
+    """Take the advisory lock that marks a temporary file as being written (or, for a
+    cleaner, as abandoned). False when another process holds it; True when taken, or when
+    the file system has no such locks (then the file's age alone decides)."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        return True  # ENOLCK, EOPNOTSUPP...: no locks here
+    return True
+
+
+@contextmanager
+def _temp_file(path: Path) -> Iterator[Path]:
+    """A new temporary file beside ``path``, created ``FILE_MODE`` and locked while this
+    process writes it; gone afterwards unless it was renamed."""
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        _lock(fd)
+        yield tmp
+    finally:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_replace(path: Path, write: Callable[[Path], object]) -> str:
+    """Call ``write(tmp)`` then rename tmp onto ``path`` (created ``FILE_MODE``); on any error
+    nothing is left behind. Returns the SHA-256 of what was written."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _temp_file(path) as tmp:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        digest = file_sha256(tmp)
+        os.replace(tmp, path)
+    return digest
+
+
 def atomic_write_bytes(path: Path, write) -> str:  # noqa: ANN001 - write(tmp_path) callable
     """Call ``write(tmp)`` then rename tmp onto ``path``; on any error nothing is left behind.
 
     The file's SHA-256 (and the producing task's key) is recorded beside it
     (``.NAME.sha256``) after the rename, so a file without a matching record is known to be
     damaged or foreign. Returns the SHA-256."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        digest = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    record = hash_record(path)
-    tmp_record = record.with_name(f"{record.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    tmp_record.write_text(f"{digest} {_PRODUCER.get() or '-'}\n")
-    os.replace(tmp_record, record)
+    digest = atomic_replace(path, write)
+    line = f"{digest} {_PRODUCER.get() or '-'}\n"
+    atomic_replace(hash_record(path), lambda tmp: tmp.write_text(line))
     return digest
+
+
+def _remove_if_abandoned(path: Path, older_than: float) -> bool:
+    """Remove the temporary file ``path`` if it is a regular file untouched for
+    ``older_than`` seconds whose lock no live writer holds."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone, a link, or not ours to write
+    try:
+        held = os.fstat(fd)
+        if not stat.S_ISREG(held.st_mode) or time.time() - held.st_mtime < older_than:
+            return False
+        if not _lock(fd):
+            return False  # a live writer holds it
+        now = os.stat(path, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            return False  # replaced meanwhile
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(
+    root: Path, older_than: float = STALE_TEMP_SECONDS, skip: tuple[str, ...] = ("mlartifacts",)
+) -> list[Path]:
+    """Remove the temporary files that writers killed mid-write (kill -9, power loss) left
+    under ``root``: only names of the form ``temp_path`` gives, untouched for ``older_than``
+    seconds and not locked by a live writer (any process, on any machine whose locks the
+    file system shares, that is still writing one keeps its lock). The folders in ``skip``,
+    directly under ``root``, are not searched. Returns the files removed."""
+    removed = []
+    for folder, subfolders, files in os.walk(root):
+        if Path(folder) == root:
+            subfolders[:] = [name for name in subfolders if name not in skip]
+        for name in files:
+            path = Path(folder, name)
+            if TEMP_NAME.match(name) and _remove_if_abandoned(path, older_than):
+                removed.append(path)
+    return removed
 
 
 def _read_record(path: Path) -> tuple[str, str] | None:

@@ -46,7 +46,13 @@ class TrackingContext:
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
-    return f"sqlite:///{(workdir / 'mlflow.db').resolve()}"
+    """The SQLite store in the work dir as a SQLAlchemy URL, whose path ends at the first
+    ``?`` (a query string follows) and is percent-decoded: ``%`` and ``?`` are escaped, so a
+    work dir holding them keeps its store. Nothing else is (``#`` and spaces read as they
+    are): MLflow 3 creates the store's folder from the URL's text without decoding it, and
+    leaves an empty folder of the escaped name beside the work dir."""
+    path = str((workdir / "mlflow.db").resolve())
+    return "sqlite:///" + path.replace("%", "%25").replace("?", "%3F")
 
 
 def resolve_tracking_uri(workdir: Path) -> str:

@@ -6,6 +6,15 @@ server asked for port 0 binds a free port itself; the port it got is read from t
 socket of its process (or of one of its children), so that no port is picked here and taken
 by someone else before the server binds it.
 
+One process tree, stopped as a whole. Each server runs in a process group of its own (its
+workers with it) inside our session, and is stopped by signalling that group; on Linux it
+also gets SIGTERM from the kernel when this process dies, however it dies (``kill -9``
+included). A command that starts servers calls ``handle_stop_signals`` first: SIGINT,
+SIGTERM and SIGHUP then raise ``Stopped`` in the main thread, so that the command unwinds,
+and every server still running is stopped by ``stop_children`` (at the latest at exit); a
+process that has not ended ``grace`` seconds after the signal (a flow waiting for a task
+thread, say) stops its servers and exits at once.
+
 Only the standard library at import time: `aemnist run` launches its temporary server from
 here before it imports torch, MLflow or Prefect.
 """
@@ -13,6 +22,7 @@ here before it imports torch, MLflow or Prefect.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import json
 import math
@@ -25,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,14 +49,18 @@ UNFINISHED_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 
 @dataclass
 class Service:
-    """A server running as a child process; ``port`` is 0 until the port it bound is known."""
+    """A server running as a child process, the leader of its own process group; ``port`` is
+    0 until the port it bound is known."""
 
     name: str
     host: str  # where a client on this machine reaches it
     port: int
     health_path: str
     process: subprocess.Popen[bytes]
-    log: Path | None  # None: its output is ours and it is in our process group
+    log: Path | None  # None: its output is ours
+    # Called before it is signalled to stop, while it still answers.
+    before_stop: Callable[[], None] | None = None
+    grace: float = 15.0  # seconds between its SIGTERM and its SIGKILL
 
     @property
     def url(self) -> str:
@@ -59,22 +73,25 @@ class Service:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after ``grace`` seconds; to its whole process group when it
-        has one of its own (it then reaches the workers a server starts)."""
-        if not self.alive():
-            return
-        send = os.killpg if self.log is not None else os.kill
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                send(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+    def stop(self) -> None:
+        """SIGTERM to its process group (its own workers included), SIGKILL ``grace`` seconds
+        later; then whatever its group still holds once the server itself has exited (a
+        worker it left behind) gets SIGKILL too. A stop signal does not interrupt it."""
+        with _uninterrupted():
+            if self.alive():
+                if self.before_stop is not None:
+                    self.before_stop()
+                for sig, wait in ((signal.SIGTERM, self.grace), (signal.SIGKILL, 5.0)):
+                    _signal_group(self.process.pid, sig)
+                    try:
+                        self.process.wait(wait)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+            _clear_group(self.process.pid)
+            with _children_lock:
+                if self in _children:
+                    _children.remove(self)
 
 
 def launch_server(
@@ -86,10 +103,21 @@ def launch_server(
     health_path: str,
     log: Path | None = None,
 ) -> Service:
-    """Start ``command``, a server bound to ``host``:``port`` (0: a free port of its choice).
-    With a ``log``, the server writes there and runs from the repo root in a process group of
-    its own, which ``Service.stop`` signals whole (a server's own workers included); without,
-    it shares our output and our process group, so that a Ctrl-C reaches it as it reaches us."""
+    """Start ``command``, a server bound to ``host``:``port`` (0: a free port of its choice),
+    in a process group of its own that ``Service.stop`` (or ``stop_children``) signals whole,
+    and that dies with this process. With a ``log``, the server writes there and runs from the
+    repo root; without, it shares our output. Call it from the main thread: the kernel's
+    parent-death signal follows the thread that started the child."""
+    service = launch_child(name, command, env, log)
+    service.host, service.port, service.health_path = client_host(host), port, health_path
+    return service
+
+
+def launch_child(
+    name: str, command: list[str], env: Mapping[str, str], log: Path | None = None
+) -> Service:
+    """Start ``command`` as ``launch_server`` does (its own process group, dying with us,
+    stopped by ``stop_children``), a process that serves no health URL: a worker."""
     output = None
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -102,12 +130,18 @@ def launch_server(
             stdin=subprocess.DEVNULL,
             env=dict(env),
             cwd=PROJECT_ROOT if log is not None else None,
-            start_new_session=log is not None,
+            # Its own group, in our session: a terminal's Ctrl-C reaches only us, and we
+            # stop it; ``stop_children`` finds it however we end.
+            process_group=0,
+            preexec_fn=_dies_with_parent(),
         )
     finally:
         if output is not None:
             output.close()
-    return Service(name, client_host(host), port, health_path, process, log)
+    service = Service(name, "", 0, "", process, log)
+    with _children_lock:
+        _children.append(service)
+    return service
 
 
 def client_host(host: str) -> str:
@@ -197,6 +231,273 @@ def _socket_inodes(pid: int) -> set[str]:
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     return inodes
+
+
+# --- the command's children, stopped as a whole -----------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+_children: list[Service] = []  # launched and not yet stopped, in launch order
+_children_lock = threading.RLock()
+
+
+def _dies_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send the child SIGTERM when we die (Linux's
+    ``prctl(PR_SET_PDEATHSIG)``), so that no server outlives a `kill -9` of this process or
+    a signal that lands before our handlers could act; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # we died between the fork and the prctl
+            os._exit(1)
+
+    return preexec
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):  # gone (a zombie leader counts as gone)
+        pass
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
+    """State, parent id, process group and session of ``pid`` from /proc; None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[3])
+
+
+def _live(pids: list[int]) -> list[int]:
+    """Those of ``pids`` that still run (not gone, not a zombie waiting to be reaped)."""
+    return [pid for pid in pids if (stat := _proc_stat(pid)) is not None and stat[0] != "Z"]
+
+
+def _group_members(pgid: int) -> list[int]:
+    if not Path("/proc/self/stat").exists():
+        return []
+    members = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
+            if stat[2] == pgid and stat[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def _clear_group(pgid: int, wait: float = 2.0) -> None:
+    """Once a group's leader has exited: let what it left in its group exit (they had the
+    group's SIGTERM), for up to ``wait`` seconds, then SIGKILL the rest."""
+    deadline = time.monotonic() + wait
+    while _group_members(pgid):
+        if time.monotonic() > deadline:
+            _signal_group(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+def _stop_descendants(wait: float = 2.0) -> None:
+    """SIGTERM every process below this one that is still running (what a library started:
+    a Dask worker, say), SIGKILL after ``wait`` seconds."""
+    if not Path("/proc/self/task").exists():
+        return
+    pids = _live(_process_tree(os.getpid())[1:])
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while (pids := _live(pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not pids:
+            return
+
+
+def stop_children() -> None:
+    """Stop every server this process launched and has not stopped, the last first; after a
+    stop signal, every other process below this one too. Registered to run at exit."""
+    with _children_lock, _uninterrupted():
+        while _children:
+            _children[-1].stop()  # removes itself
+        if _received is not None:
+            _stop_descendants()
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """A stop signal arriving meanwhile is noted, not raised: stopping is what it asks for,
+    and a stop cut short would leave a server running."""
+    global _stopping
+    with _signal_lock:
+        _stopping += 1
+    try:
+        yield
+    finally:
+        with _signal_lock:
+            _stopping -= 1
+
+
+atexit.register(stop_children)
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread by the first SIGINT, SIGTERM or SIGHUP once
+    ``handle_stop_signals`` is installed; as a KeyboardInterrupt, no ``except Exception``
+    swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_received: int | None = None  # the first stop signal received
+_raised = False  # whether our handler has raised ``Stopped``
+_stopping = 0  # how many threads are in ``stop_children``
+_grace = math.inf
+_signal_lock = threading.RLock()
+_signalled = threading.Event()
+_deadline: threading.Thread | None = None
+
+
+def stop_signal() -> int | None:
+    """The stop signal this process received, if any."""
+    return _received
+
+
+def stop_exit_code(signum: int) -> int:
+    """A shell's exit status for a process ended by ``signum``: 128 + its number."""
+    return 128 + signum
+
+
+def handle_stop_signals(grace: float) -> None:
+    """Before a command starts its first child: SIGINT, SIGTERM and SIGHUP each raise
+    ``Stopped`` in the main thread (once; later ones are noted only) and write one line to
+    stderr. Should the process still be running ``grace`` seconds later, its servers are
+    stopped and it exits with status 128 + the signal's number.
+
+    A library may put its own handler in place for a while (Prefect's flow engine turns
+    SIGTERM into its TerminationSignal); the signal is still seen, through the wake-up
+    file descriptor every Python signal handler writes to, so the deadline holds."""
+    global _grace, _deadline
+    _grace = grace
+    if _deadline is None:
+        # Started now, not from a handler: starting a thread there could deadlock on the
+        # lock of a thread start the signal interrupted.
+        _deadline = threading.Thread(target=_exit_after_grace, name="stop-deadline", daemon=True)
+        _deadline.start()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _on_signal)
+    with contextlib.suppress(ValueError, OSError):  # the deadline then rests on our handler
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        if previous != -1:  # someone else's: leave it theirs
+            signal.set_wakeup_fd(previous)
+            os.close(read)
+            os.close(write)
+            return
+        threading.Thread(target=_watch, args=(read,), name="stop-signals", daemon=True).start()
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    global _raised
+    _note(signum)
+    with _signal_lock:
+        if _raised or _stopping:
+            return
+        _raised = True
+    raise Stopped(signum)
+
+
+def _watch(fd: int) -> None:
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            return
+        if not data:
+            return
+        for signum in data:
+            if signum in STOP_SIGNALS:
+                _note(signum)
+
+
+def _say(line: str) -> None:
+    """One line to stderr, straight to the file descriptor: safe in a signal handler and
+    after a SIGHUP closed the terminal."""
+    with contextlib.suppress(OSError):
+        os.write(2, f"{line}\n".encode())
+
+
+def _note(signum: int) -> None:
+    """The first stop signal: say so and start the deadline."""
+    global _received
+    with _signal_lock:
+        if _received is not None:
+            return
+        _received = signum
+    name = signal.Signals(signum).name
+    _say(f"aemnist: {name} received: stopping (and every process it started)")
+    _signalled.set()
+
+
+def _main_thread_joins_threads() -> bool:
+    """Whether the main thread waits for other threads to end: in a thread pool's shutdown
+    (a flow's task runner leaving) or in the interpreter's exit."""
+    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    while frame is not None:
+        code = frame.f_code
+        if (code.co_name == "shutdown" and code.co_filename == _POOL_MODULE) or (
+            code.co_name == "_shutdown" and code.co_filename == threading.__file__
+        ):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# Where a thread pool's ``shutdown`` is defined (the standard library's, next to threading).
+_POOL_MODULE = os.path.join(
+    os.path.dirname(threading.__file__), "concurrent", "futures", "thread.py"
+)
+# Seconds the main thread must be seen waiting for other threads before the wait is cut short.
+JOINING_FOR = 1.0
+
+
+def _exit_after_grace() -> None:
+    """After a stop signal: once ``grace`` seconds have passed, or sooner once the main thread
+    has done all but wait for other threads (a task thread mid-epoch, or paused, is not waited
+    for), stop every child and exit."""
+    _signalled.wait()
+    signum = _received
+    assert signum is not None
+    name = signal.Signals(signum).name
+    deadline = time.monotonic() + _grace
+    joining_since = None
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        if not _main_thread_joins_threads():
+            joining_since = None
+        elif joining_since is None:
+            joining_since = time.monotonic()
+        elif time.monotonic() - joining_since >= JOINING_FOR:
+            _say("aemnist: not waiting for the task threads still running: stopping now")
+            break
+    else:
+        _say(f"aemnist: still running {_grace:g} s after {name}: stopping its processes now")
+    stop_children()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(stop_exit_code(signum))
 
 
 def answers(url: str, timeout: float = 3.0) -> bool:
@@ -360,9 +661,11 @@ class TemporaryPrefectServer:
 
     def __init__(self) -> None:
         self.service = self._launch()
-        # Stopped after the process's last logs and events are shipped to it: Prefect
-        # registers their flush at exit after this, and exit handlers run last-in first-out.
-        atexit.register(self.stop)
+        # Stopped by ``stop_children`` at exit (or on a stop signal), after the process's last
+        # logs and events are shipped to it: Prefect registers their flush at exit after this
+        # module registered ``stop_children``, and exit handlers run last-in first-out.
+        self.service.before_stop = self._settle
+        self.service.grace = 60.0
         self.error: StackError | None = None
         self.answered = False
         self.waiting = threading.Thread(target=self._await, name="prefect-api", daemon=True)
@@ -435,21 +738,16 @@ class TemporaryPrefectServer:
         os.environ[PREFECT_API_ENV] = self.api_url
         refresh_global_settings_context()
 
-    def stop(self) -> None:
-        """Stop the server. A server still creating its database finishes that first
-        (uvicorn completes its start-up before it acts on SIGTERM): it is never killed
-        mid-migration."""
-        process = self.service.process
-        if process.poll() is not None:
-            return
+    def _settle(self) -> None:
         if self.answered:  # let it record the last task-run events this process shipped on
             # its way out; its task-run recorder, stopped mid-write, loses them and logs the
             # cancelled write as an error. A bounded wait: a run cut short can leave task
-            # runs that never finish.
-            wait_for_task_runs(self.api_url, self.launched_at, limit=5.0)
-        process.terminate()
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:  # hung in its shutdown, long after any migration
-            process.kill()
-            process.wait()
+            # runs that never finish, and one stopped by a signal waits less.
+            limit = 5.0 if stop_signal() is None else 1.0
+            wait_for_task_runs(self.api_url, self.launched_at, limit=limit)
+
+    def stop(self) -> None:
+        """Stop the server. A server still creating its database finishes that first
+        (uvicorn completes its start-up before it acts on SIGTERM): it is never killed
+        mid-migration, unless that takes over a minute."""
+        self.service.stop()

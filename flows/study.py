@@ -71,10 +71,30 @@ def prepare_study(
     redo: frozenset[str],
 ) -> plan.Study:
     """Load and validate the config, then resolve it (device, task slots, torch threads):
-    the one place every launch path goes through."""
+    the one place every launch path goes through.
+
+    The mirror (``mnist_mirror``, else AEMNIST_MNIST_MIRROR) is checked here, before any
+    task, and enters the study redacted: the download task reads a URL's credentials from
+    AEMNIST_MNIST_MIRROR, so that they reach no Prefect task run, MLflow run or log."""
+    from aemnist.data import check_mirror, has_secrets, redact_url
+
     config = load_config(profile, Path(config_file) if config_file else None, overrides)
-    mirror = mnist_mirror or os.environ.get(MIRROR_ENV) or None
-    study = plan.resolve_study(config, Path(workdir), mirror, redo)
+    configured = os.environ.get(MIRROR_ENV) or None
+    mirror = mnist_mirror or configured
+    if mirror is not None:
+        check_mirror(mirror)
+        if has_secrets(mirror) and mirror != configured:
+            # A deployment's parameter: Prefect has recorded it already; the tasks of this
+            # process (and the Dask workers it starts) read it from the environment.
+            os.environ[MIRROR_ENV] = mirror
+            get_run_logger().warning(
+                "the mnist_mirror parameter %s carries credentials or a query string, which "
+                "Prefect stores with the flow run's parameters: set %s in the worker's "
+                "environment instead",
+                redact_url(mirror),
+                MIRROR_ENV,
+            )
+    study = plan.resolve_study(config, Path(workdir), redact_url(mirror) if mirror else None, redo)
     prepare_device(study.config.runtime.device)
     return study
 

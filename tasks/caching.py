@@ -1,5 +1,8 @@
 """Prefect caching keyed by content: a task's result is reused exactly when its key
-(aemnist.caching.stage_key) is unchanged and the files it wrote are intact."""
+(aemnist.caching.stage_key) is unchanged and the files it wrote are intact.
+
+Results are stored as plain data and checked when read (tasks.results): a cache record
+this project did not write is refused and its task recomputed, never deserialized."""
 
 from __future__ import annotations
 
@@ -10,7 +13,6 @@ from typing import Any
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
-from prefect.filesystems import LocalFileSystem
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 from prefect.transactions import get_transaction
@@ -19,8 +21,9 @@ from aemnist.caching import stage_key
 from aemnist.jobs import Job
 from aemnist.layout import Layout
 from aemnist.plan import Stage
-from aemnist.schemas import output_state
+from aemnist.schemas import output_state, remove_stale_temps
 from aemnist.tracking import TrackingContext
+from tasks.results import CacheStore, TableRefSerializer, run_logger
 
 
 @dataclass
@@ -53,10 +56,11 @@ def submit_job(
     stage: Stage,
     job: Job,
     ctx: TrackingContext,
-    storage: LocalFileSystem,
+    storage: CacheStore,
     refresh: bool = False,
 ) -> PrefectFuture:
-    """Submit ``task`` for ``job`` to ``runner``, bound to the work dir's result store.
+    """Submit ``task`` for ``job`` to ``runner``, bound to the work dir's result store (its
+    result kept as plain data: tasks.results).
 
     It is recomputed rather than reused when asked (the stage is in ``--refresh``: its
     checkpoint goes too) or when one of the files it writes is missing, damaged (it does not
@@ -76,15 +80,36 @@ def submit_job(
     if refresh and checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     recompute = refresh or any(state != "intact" for state in states.values())
-    configured = task.with_options(result_storage=storage, refresh_cache=recompute)
+    configured = task.with_options(
+        result_storage=storage, result_serializer=TableRefSerializer(), refresh_cache=recompute
+    )
     return runner.submit(configured, parameters)
 
 
-def result_storage(layout: Layout) -> LocalFileSystem:
+def result_storage(layout: Layout) -> CacheStore:
     """The work dir's result store (the cache), beside the tables it describes: moving or
     deleting a work dir moves or deletes its cache with it. Saved as a block, so that every
-    process of a run (a worker, a Dask worker) finds it."""
-    storage = LocalFileSystem(basepath=str(layout.cache_dir))
+    process of a run (a worker, a Dask worker) finds it.
+
+    Called as a run starts: the work dir and the cache folder are made private (mode 0700),
+    and temporary files that killed writers left in the work dir are removed."""
+    logger = run_logger()
+    for folder, mode in layout.make_private().items():
+        if mode & 0o022:
+            logger.warning(
+                "%s (mode %o, another user's) is writable by others: they can change what "
+                "the next run reads",
+                folder,
+                mode,
+            )
+    removed = remove_stale_temps(layout.root)
+    if removed:
+        logger.info(
+            "removed %d temporary files left by interrupted writes: %s",
+            len(removed),
+            ", ".join(str(path) for path in removed),
+        )
+    storage = CacheStore(basepath=str(layout.cache_dir))
     digest = hashlib.sha256(str(layout.root).encode()).hexdigest()[:16]
     storage.save(f"aemnist-cache-{digest}", overwrite=True)
     return storage

@@ -9,7 +9,14 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from aemnist.data import MirrorUnreachable, download_mnist, load_images, make_folds
+from aemnist.data import (
+    MirrorUnreachable,
+    download_mnist,
+    load_images,
+    make_folds,
+    mirror_to_fetch,
+    redact_url,
+)
 from aemnist.jobs import DownloadJob, FoldsJob
 from aemnist.schemas import TableRef, write_table
 from aemnist.tracking import TrackingContext
@@ -18,7 +25,8 @@ from tasks.common import tracked_run
 
 
 def _network_error(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry a download only on network errors: a wrong file stays wrong."""
+    """Retry a download only on transient network errors (a 5xx, a timeout, a reset): a wrong
+    file stays wrong, and a refused connection or an unknown host fails at once."""
     try:
         state.result()
     except MirrorUnreachable:
@@ -38,16 +46,21 @@ def _network_error(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -
     retry_condition_fn=_network_error,
 )
 def download(ctx: TrackingContext, job: DownloadJob) -> dict[str, TableRef]:
-    """MNIST into ``data/mnist_{train,test}.parquet``; nothing is fetched if they are verified."""
+    """MNIST into ``data/mnist_{train,test}.parquet``; nothing is fetched if they are verified.
+
+    The job records the mirror redacted (aemnist.plan gets it so from flows.study): Prefect
+    and MLflow see no credentials. The URL that carries them is read here, from
+    AEMNIST_MNIST_MIRROR (aemnist.data.mirror_to_fetch)."""
     logger = get_run_logger()
-    params = {"mirror": job.mirror or "torchvision"}
-    with tracked_run(ctx, job.label, params, "download") as run:
-        refs, fetched = download_mnist(job.layout.data_dir, job.mirror, force=job.force)
+    shown = redact_url(job.mirror) if job.mirror else "torchvision"
+    with tracked_run(ctx, job.label, {"mirror": shown}, "download") as run:
+        mirror = mirror_to_fetch(job.mirror)
+        refs, fetched = download_mnist(job.layout.data_dir, mirror, force=job.force)
         run.log_metrics({f"{split}_rows": ref.rows for split, ref in refs.items()})
         run.set_tags({"fetched": str(fetched)})
     logger.info(
         "MNIST %s: %s",
-        "downloaded and verified" if fetched else "already verified, nothing fetched",
+        f"downloaded from {shown} and verified" if fetched else "already verified, nothing fetched",
         ", ".join(f"{s} {r.rows} rows" for s, r in refs.items()),
     )
     return {split: ref.with_run(run.run_id) for split, ref in refs.items()}

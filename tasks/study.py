@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from aemnist.config import StudyConfig, save_config
 from aemnist.data import ensure_writable
+from aemnist.faults import FAULT_ENV
 from aemnist.jobs import ReportJob
 from aemnist.layout import Layout
 from aemnist.report import build_report, load_tables, report_figures, seed_comparison
@@ -24,11 +27,26 @@ from aemnist.tracking import (
 from tasks.caching import StageCache
 from tasks.common import prefect_tags, tracked_run
 
+# The parent run's tag that holds AEMNIST_FAULT when a study runs with it set.
+FAULT_TAG = "aemnist.fault"
+
 
 @task(name="open-study", cache_policy=NO_CACHE)
 def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
     """Check the work dir and the tracking store, save the resolved config, open the parent
-    run, and mark KILLED the runs a killed earlier process left RUNNING."""
+    run, and mark KILLED the runs a killed earlier process left RUNNING.
+
+    A fault hook set in the environment (AEMNIST_FAULT) is logged as a warning and tagged on
+    the parent run (``aemnist.fault``): an injected failure must not pass for a real one."""
+    logger = get_run_logger()
+    fault = os.environ.get(FAULT_ENV, "").strip()
+    if fault:
+        logger.warning(
+            "%s=%r is set: this study's tasks fail or pause where it says (fault injection "
+            "for tests and drills); unset it for a real run",
+            FAULT_ENV,
+            fault,
+        )
     ensure_writable(layout.root)
     save_config(config, layout.config)
     uri = resolve_tracking_uri(layout.root)
@@ -39,8 +57,9 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
         "workdir": str(layout.root),
         **prefect_tags(),
     }
+    if fault:
+        tags[FAULT_TAG] = fault[:5000]
     ctx = start_study(uri, layout.root, f"study-{config.profile}", config.flat(), tags)
-    logger = get_run_logger()
     killed = mark_abandoned_runs(uri, ctx.experiment_id)
     if killed:
         logger.warning(

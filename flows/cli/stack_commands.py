@@ -5,9 +5,8 @@ MLflow UI on a work dir's store)."""
 from __future__ import annotations
 
 import argparse
-import math
+import contextlib
 import os
-import signal
 import sys
 import time
 from typing import TYPE_CHECKING
@@ -17,6 +16,13 @@ from flows.cli.options import add_host, add_port, add_workdir
 
 if TYPE_CHECKING:
     from flows.cli.options import Commands
+
+# Seconds a stopped `server` or `ui` has to stop its servers in order before it stops them
+# at once and exits: each server gets up to 15 s between its SIGTERM and its SIGKILL.
+SERVER_GRACE = 45.0
+UI_GRACE = WORKER_GRACE = 30.0
+# Seconds `ui` waits for the MLflow UI to answer.
+UI_TIMEOUT = 180.0
 
 
 def add_ui(commands: Commands) -> None:
@@ -83,8 +89,12 @@ def _server(args: argparse.Namespace) -> int:
     from aemnist.data import ensure_writable
     from deployments.servers import (
         check_port_free,
+        handle_stop_signals,
         start_mlflow_server,
         start_prefect_server,
+        stop_children,
+        stop_exit_code,
+        stop_signal,
         wait_until_ready,
     )
 
@@ -94,13 +104,17 @@ def _server(args: argparse.Namespace) -> int:
     state.mkdir(exist_ok=True)
     check_port_free(args.host, args.prefect_port, "Prefect server", "--prefect-port")
     check_port_free(args.host, args.mlflow_port, "MLflow server", "--mlflow-port")
+    # Before the first server: Ctrl-C, a plain `kill` or a closed terminal (SIGINT, SIGTERM,
+    # SIGHUP) stops both servers, during their start-up too.
+    handle_stop_signals(SERVER_GRACE)
     print("Starting the Prefect server and the MLflow server ...", flush=True)
     env = dict(os.environ)
-    services = [start_prefect_server(state, args.host, args.prefect_port, env)]
+    serving = False
     try:
-        services.append(start_mlflow_server(workdir, state, args.host, args.mlflow_port, env))
+        prefect = start_prefect_server(state, args.host, args.prefect_port, env)
+        mlflow = start_mlflow_server(workdir, state, args.host, args.mlflow_port, env)
+        services = [prefect, mlflow]
         wait_until_ready(services, args.timeout)
-        prefect, mlflow = services
         print(
             f"Prefect server: {prefect.url}  (UI; API at {prefect.url}/api)\n"
             f"MLflow server:  {mlflow.url}  (UI and tracking; store: {workdir})\n"
@@ -110,20 +124,27 @@ def _server(args: argparse.Namespace) -> int:
             f"Logs: {state}/*.log. Ctrl-C stops both servers.",
             flush=True,
         )
-        # A plain `kill` stops the servers as Ctrl-C does.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        serving = True
         while all(service.alive() for service in services):
             time.sleep(1.0)
         dead = next(service for service in services if not service.alive())
         raise StackError(
             f"the {dead.name} stopped (exit code {dead.process.returncode}); see {dead.log}"
         )
-    except KeyboardInterrupt:
-        print("Stopping the servers.", flush=True)
-        return 0
+    except BaseException:
+        if (signum := stop_signal()) is None:
+            raise
+        _tell("Stopping the servers.")
+        # Stopped while serving is how a server ends; during its start-up, it did not start.
+        return 0 if serving else stop_exit_code(signum)
     finally:
-        for service in reversed(services):
-            service.stop()
+        stop_children()
+
+
+def _tell(line: str) -> None:
+    """Print, unless the terminal has gone (a SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -146,7 +167,13 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _worker(args: argparse.Namespace) -> int:
     from aemnist.tracking import TRACKING_ENV, check_reachable
-    from deployments.servers import require_prefect_api
+    from deployments.servers import (
+        handle_stop_signals,
+        launch_child,
+        require_prefect_api,
+        stop_children,
+        stop_signal,
+    )
     from deployments.stack import work_pool_exists, worker_command
 
     api = require_prefect_api("worker")
@@ -163,13 +190,31 @@ def _worker(args: argparse.Namespace) -> int:
         print("MLFLOW_TRACKING_URI is not set: runs log to the embedded store of their work dir")
     command = worker_command(args.pool, args.limit, args.name)
     print(f"Worker on pool {args.pool!r} at {api}: {' '.join(command[2:])}", flush=True)
-    os.execv(command[0], command)
-    return 0  # not reached
+    # Prefect's worker runs as our child rather than in our place, so that a SIGHUP (a closed
+    # terminal), which it does not handle, stops it and its flow runs as SIGINT and SIGTERM do.
+    handle_stop_signals(WORKER_GRACE)
+    try:
+        worker = launch_child("Prefect worker", command, os.environ)
+        return worker.process.wait()
+    except BaseException:
+        if stop_signal() is None:
+            raise
+        return 0  # stopped: how a worker ends
+    finally:
+        stop_children()
 
 
 def _ui(args: argparse.Namespace) -> int:
     from aemnist.tracking import TrackingError, embedded_tracking_uri
-    from deployments.servers import launch_server, wait_until_answers
+    from deployments.servers import (
+        check_port_free,
+        handle_stop_signals,
+        launch_server,
+        stop_children,
+        stop_exit_code,
+        stop_signal,
+        wait_until_answers,
+    )
 
     workdir = args.workdir.resolve()
     if not (workdir / "mlflow.db").exists():
@@ -177,6 +222,8 @@ def _ui(args: argparse.Namespace) -> int:
             f"{workdir} holds no MLflow store (mlflow.db); run `aemnist run --workdir {workdir}` "
             f"first or pass the work dir of an earlier study with --workdir"
         )
+    if args.port:  # a busy port is named now, not in MLflow's log after a minute
+        check_port_free(args.host, args.port, "MLflow UI", "--port")
     command = [
         sys.executable,
         "-m",
@@ -195,23 +242,33 @@ def _ui(args: argparse.Namespace) -> int:
         "--workers",
         "1",
     ]
-
-    def announce(port: int) -> None:
+    handle_stop_signals(UI_GRACE)  # before the server: Ctrl-C, kill or SIGHUP stop it
+    serving = False
+    try:
+        # Its output is ours; its process group its own, stopped whole when we stop.
+        service = launch_server("MLflow UI", command, os.environ, args.host, args.port, "/health")
+        at = f"{args.host}:{args.port}" if args.port else f"{args.host} (a free port)"
+        if not wait_until_answers(service, time.monotonic() + UI_TIMEOUT, interval=0.2):
+            code = service.process.returncode
+            raise StackError(
+                f"the MLflow UI did not start on {at}: "
+                + (
+                    f"it exited with code {code} before answering (its messages are above)"
+                    if code is not None
+                    else f"it did not answer within {UI_TIMEOUT:g} s"
+                )
+            )
+        # Announced once it answers: on port 0 the port it bound is known only then.
         print(
-            f"MLflow UI on http://{args.host}:{port} (store: {workdir}); Ctrl-C stops it.",
+            f"MLflow UI on http://{args.host}:{service.port} (store: {workdir}); Ctrl-C stops it.",
             flush=True,
         )
-
-    if args.port:
-        announce(args.port)
-    # Its output is ours, and so is its process group: Ctrl-C stops it and then us.
-    service = launch_server("MLflow UI", command, os.environ, args.host, args.port, "/health")
-    with service.process as process:
-        try:
-            # On port 0, its URL once it answers: the port it bound is known only then.
-            if not args.port and wait_until_answers(service, math.inf, interval=0.2):
-                announce(service.port)
-            return process.wait()
-        except BaseException:  # as subprocess.call: no server left behind
-            process.kill()
+        serving = True
+        code = service.process.wait()
+        raise StackError(f"the MLflow UI on {args.host}:{service.port} stopped (exit code {code})")
+    except BaseException:
+        if (signum := stop_signal()) is None:
             raise
+        return 0 if serving else stop_exit_code(signum)
+    finally:
+        stop_children()

@@ -4,11 +4,13 @@ PREFECT_API_URL names one), `status` and `report`."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib.util
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,12 +28,23 @@ from aemnist.config import (
 )
 from aemnist.layout import Layout
 from aemnist.plan import STAGES
-from deployments.servers import TemporaryPrefectServer
+from aemnist.workdir import WorkdirLock, WorkdirLocked, lock_workdir
+from deployments.servers import (
+    TemporaryPrefectServer,
+    handle_stop_signals,
+    stop_exit_code,
+    stop_signal,
+)
 from deployments.stack import PREFECT_API_ENV, StackError
 from flows.cli.options import add_config_options, add_workdir, study_config
 
 if TYPE_CHECKING:
     from flows.cli.options import Commands
+
+# Seconds a run stopped by SIGINT, SIGTERM or SIGHUP has to wind down (its flow and MLflow run
+# marked failed) before it stops its processes and exits regardless: a task thread mid-epoch
+# is never waited for.
+RUN_GRACE = 10.0
 
 
 def add_run(commands: Commands) -> None:
@@ -136,9 +149,27 @@ def _run(args: argparse.Namespace) -> int:
     if args.task_runner == "dask" and args.dask_address:
         _check_dask_scheduler(args.dask_address)
     started = time.monotonic()
-    # The server starts first: its seconds of start-up overlap the imports and checks below.
-    api = None if os.environ.get(PREFECT_API_ENV) else TemporaryPrefectServer()
-    return _run_study(args, config, api, started)
+    # Before the first child: a SIGINT, SIGTERM or SIGHUP from here on stops the run and every
+    # process it started, its temporary Prefect server included.
+    handle_stop_signals(RUN_GRACE)
+    try:
+        # A work dir that exists is locked before any server starts or module loads, so that
+        # a second run on it stops at once; a new one once it is created (`_run_study`).
+        workdir = args.workdir.resolve()
+        if workdir.is_dir():
+            with contextlib.suppress(OSError):  # not writable: `_run_study` says so
+                _lock_workdir(workdir)
+        # The server starts first: its seconds of start-up overlap the imports and checks
+        # below.
+        api = None if os.environ.get(PREFECT_API_ENV) else TemporaryPrefectServer()
+        return _run_study(args, config, api, started)
+    except WorkdirLocked as exc:
+        print(f"aemnist: error: {exc}", file=sys.stderr)
+        return 2
+    except BaseException:
+        if (signum := stop_signal()) is not None:  # it said so on stderr when it came
+            return stop_exit_code(signum)
+        raise
 
 
 def _run_study(
@@ -147,7 +178,7 @@ def _run_study(
     api: TemporaryPrefectServer | None,
     started: float,
 ) -> int:
-    from aemnist.data import ensure_writable
+    from aemnist.data import ensure_writable, flow_mirror_parameter
     from aemnist.plan import resolve_study
     from aemnist.tracking import TRACKING_ENV, open_store, resolve_tracking_uri
 
@@ -157,6 +188,9 @@ def _run_study(
     resolve_study(config, args.workdir)
     workdir = args.workdir.resolve()
     ensure_writable(workdir)
+    # One run at a time in a work dir: a second stops here (if not before), naming the first's
+    # process id.
+    _lock_workdir(workdir)
     # Opens (creates, migrates) the MLflow store now, while the server starts; or fails
     # fast when a tracking server does not answer.
     open_store(resolve_tracking_uri(workdir), workdir)
@@ -170,7 +204,9 @@ def _run_study(
             profile=config.profile,
             workdir=str(workdir),
             config_file=str(args.config.resolve()) if args.config else None,
-            mnist_mirror=args.mnist_mirror,
+            # Prefect stores a flow's parameters: a mirror URL with credentials goes to the
+            # flow through AEMNIST_MNIST_MIRROR instead.
+            mnist_mirror=flow_mirror_parameter(args.mnist_mirror),
             seed=args.seed,
             fresh=args.fresh,
             refresh=args.refresh,
@@ -187,6 +223,19 @@ def _run_study(
     else:
         print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open http://127.0.0.1:5000")
     return 0
+
+
+# The work-dir locks this process holds, until it ends (the kernel then releases them): task
+# threads a signal cut short may still write to the work dir while the process winds down.
+_held_locks: list[WorkdirLock] = []
+
+
+def _lock_workdir(workdir: Path) -> None:
+    """Hold the lock of ``workdir`` until this process ends; raises ``WorkdirLocked``."""
+    if not any(lock.path.parent == workdir for lock in _held_locks):
+        lock = lock_workdir(workdir)
+        _held_locks.append(lock)
+        atexit.register(lock.release)  # an orderly exit empties the file
 
 
 def _heartbeats_off() -> contextlib.AbstractContextManager[object]:
@@ -223,11 +272,20 @@ def _check_dask_scheduler(address: str) -> None:
 def _status(args: argparse.Namespace) -> int:
     from aemnist.plan import resolve_study
     from aemnist.status import format_status, study_status
-    from aemnist.tracking import embedded_tracking_uri, failed_task_keys, resolve_tracking_uri
+    from aemnist.tracking import (
+        TRACKING_ENV,
+        check_reachable,
+        embedded_tracking_uri,
+        failed_task_keys,
+        resolve_tracking_uri,
+    )
 
     study = resolve_study(study_config(args), args.workdir)
     root = study.layout.root
     uri = resolve_tracking_uri(root)
+    if os.environ.get(TRACKING_ENV):
+        # MLflow's client retries an unreachable server for minutes: one quick look first.
+        check_reachable(uri)
     store_exists = uri != embedded_tracking_uri(root) or (root / "mlflow.db").exists()
     failed = failed_task_keys(uri) if store_exists else set()
     print(format_status(study_status(study, failed), study))
