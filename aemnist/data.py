@@ -484,7 +484,8 @@ def verified_tables(data_dir: Path) -> dict[str, TableRef] | None:
 
 def ensure_writable(folder: Path) -> None:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        # 0700 when created: a work dir's tables, checkpoints and cache are its user's alone.
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
             pass
     except OSError as exc:

@@ -12,14 +12,14 @@ from pathlib import Path
 PRIVATE_MODE = 0o700
 
 
-def private_dir(path: Path) -> int:
+def private_dir(path: Path, narrow: bool = True) -> int:
     """Create the folder ``path`` (with any missing parents) with mode 0700; an existing one
-    of this user's that others may enter is narrowed to that. Returns its mode afterwards
-    (still open to others when another user owns it)."""
+    of this user's that others may enter is narrowed to that when ``narrow``. Returns its
+    mode afterwards (still open to others when another user owns it)."""
     path.mkdir(mode=PRIVATE_MODE, parents=True, exist_ok=True)
     info = path.stat()
     mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o077 and info.st_uid == os.getuid():
+    if narrow and mode & 0o077 and info.st_uid == os.getuid():
         mode &= PRIVATE_MODE
         os.chmod(path, mode)
     return mode
@@ -126,8 +126,13 @@ class Layout:
 
     def make_private(self) -> dict[Path, int]:
         """The work dir and its cache folder, created (or narrowed to) mode 0700; returns
-        each one's mode afterwards."""
-        return {path: private_dir(path) for path in (self.root, self.cache_dir)}
+        each one's mode afterwards. An existing folder that holds no study yet (`--workdir .`,
+        say) keeps its mode: narrowing a user's own folder is not ours to decide."""
+        ours = not self.root.exists() or self.config.exists() or self.cache_dir.exists()
+        return {
+            self.root: private_dir(self.root, narrow=ours),
+            self.cache_dir: private_dir(self.cache_dir),
+        }
 
     def checkpoint(self, label: str) -> Path:
         """The per-epoch training state of one task (``label`` as in its task run name)."""

@@ -4,6 +4,7 @@ pending, worked out from the work dir alone (the stored results, outputs and che
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from aemnist import plan
 from aemnist.caching import stage_key
 from aemnist.data import verified_tables
 from aemnist.layout import Layout
+from aemnist.records import check_record
 from aemnist.schemas import TableError, recorded_ref
 
 
@@ -35,13 +37,23 @@ def _checkpoint_epoch(job: Any, key: str) -> int | None:
     return len(state["history"]) if state.get("key") == key else None
 
 
+def _our_record(path: Path) -> bool:
+    """A result record a re-run would reuse: present and in our own format (a foreign one,
+    a planted pickle say, is refused and its task recomputed)."""
+    try:
+        check_record(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _task_status(
     stage: str, job: Any, layout: Layout, failed_keys: set[str]
 ) -> tuple[TaskStatus, Any]:
     """One task's state, and its result when it is stored and reusable (else None)."""
     key = stage_key(stage, job)
     outputs = plan.STAGES[stage].writes(job)
-    stored = (layout.cache_dir / key).exists()
+    stored = _our_record(layout.cache_dir / key)
     refs = [recorded_ref(path, key) for path in outputs]
     if stored and all(ref is not None for ref in refs):
         return TaskStatus(stage, job.label, "cached", "a re-run reuses it", key), refs[0]
