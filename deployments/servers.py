@@ -21,6 +21,7 @@ here before it imports torch, MLflow or Prefect.
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import contextlib
 import importlib.util
@@ -39,6 +40,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from deployments.stack import LOOPBACK, PREFECT_API_ENV, PROJECT_ROOT, StackError
 
@@ -396,6 +398,11 @@ def handle_stop_signals(grace: float) -> None:
         _deadline.start()
     for signum in STOP_SIGNALS:
         signal.signal(signum, _on_signal)
+    if sys.unraisablehook is not _unraisable:
+        global _previous_unraisable
+        _previous_unraisable = sys.unraisablehook
+        sys.unraisablehook = _unraisable
+        threading.Thread(target=_raise_again, name="stop-again", daemon=True).start()
     with contextlib.suppress(ValueError, OSError):  # the deadline then rests on our handler
         read, write = os.pipe()
         os.set_blocking(write, False)
@@ -416,6 +423,36 @@ def _on_signal(signum: int, frame: object) -> None:
             return
         _raised = True
     raise Stopped(signum)
+
+
+_previous_unraisable = sys.unraisablehook
+_dropped: list[int] = []  # the signal of a Stopped that Python dropped, to raise again
+_dropped_event = threading.Event()
+
+
+def _unraisable(unraisable: Any) -> None:
+    """A ``Stopped`` raised while a finalizer or a weakref callback ran (a garbage collection
+    the signal happened to interrupt) is dropped by Python, with a traceback on stderr: have
+    it raised again in the main thread instead, silently."""
+    if isinstance(unraisable.exc_value, Stopped):
+        _dropped.append(unraisable.exc_value.signum)
+        _dropped_event.set()
+        return
+    _previous_unraisable(unraisable)
+
+
+def _raise_again() -> None:
+    """From a thread of its own, once the main thread has left the callback (a simulated
+    signal from inside it would run the handler there again): the stop once more."""
+    global _raised
+    while True:
+        _dropped_event.wait()
+        time.sleep(0.05)
+        _dropped_event.clear()
+        signum = _dropped.pop()
+        with _signal_lock:
+            _raised = False
+        _thread.interrupt_main(signum)
 
 
 def _watch(fd: int) -> None:

@@ -419,3 +419,29 @@ def test_a_live_holder_keeps_the_lock_and_a_dead_ones_file_is_taken_over(tmp_pat
     assert not lock.held
     assert read_holder(tmp_path / LOCK_NAME) is None  # released in order: emptied
     lock_workdir(tmp_path).release()
+
+
+def test_a_stop_that_lands_in_a_finalizer_is_raised_again_in_the_main_thread() -> None:
+    # A signal can arrive while a weakref callback runs (a garbage collection), where Python
+    # drops any exception with a traceback; the stop must still reach the main thread.
+    code = (
+        "import gc, signal, time, weakref\n"
+        "from deployments.servers import Stopped, _on_signal, handle_stop_signals\n"
+        "handle_stop_signals(30)\n"
+        "class A: pass\n"
+        "a = A()\n"
+        "ref = weakref.ref(a, lambda r: _on_signal(signal.SIGINT, None))\n"
+        "try:\n"
+        "    del a\n"
+        "    gc.collect()\n"
+        "    time.sleep(5)\n"
+        "    print('not stopped', flush=True)\n"
+        "except Stopped as exc:\n"
+        "    print('stopped in the main thread:', exc, flush=True)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.strip() == "stopped in the main thread: SIGINT", proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "aemnist: SIGINT received" in proc.stderr
