@@ -131,6 +131,15 @@ def assert_registered_model_is_the_final_model(
     assert mse == pytest.approx(test_mse, rel=1e-5)
 
 
+def smoke_parents(client: MlflowClient) -> list:
+    """The parent runs of the smoke studies in ``client``'s store, oldest first."""
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None, f"no {EXPERIMENT!r} experiment in {client.tracking_uri}"
+    return client.search_runs(
+        [experiment.experiment_id], "tags.profile = 'smoke'", order_by=["attribute.start_time ASC"]
+    )
+
+
 def nested_runs(client: MlflowClient, parent_id: str) -> dict[str, object]:
     experiment = client.get_experiment_by_name(EXPERIMENT)
     assert experiment is not None, f"no {EXPERIMENT!r} experiment in {client.tracking_uri}"

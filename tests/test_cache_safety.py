@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_helpers import nested_runs, run_cli, smoke_run
+from cli_helpers import nested_runs, run_cli, smoke_parents, smoke_run
 from mlflow import MlflowClient
 from prefect.results import ResultRecord, ResultRecordMetadata
 from prefect.serializers import JSONSerializer, PickleSerializer
@@ -24,7 +24,7 @@ from aemnist.jobs import grid_label
 from aemnist.layout import Layout
 from aemnist.records import RESULT_TYPE, TaskFailure, check_record
 from aemnist.schemas import TableRef, atomic_write_bytes, remove_stale_temps, temp_path
-from aemnist.tracking import EXPERIMENT, embedded_tracking_uri
+from aemnist.tracking import embedded_tracking_uri
 from tasks.results import CacheStore, ForeignRecordError, TableRefSerializer
 
 SMOKE = load_config("smoke")
@@ -176,13 +176,7 @@ class Study:
         return MlflowClient(embedded_tracking_uri(self.workdir))
 
     def parents(self) -> list:
-        client = self.client()
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        return client.search_runs(
-            [experiment.experiment_id],
-            "tags.profile = 'smoke'",
-            order_by=["attribute.start_time ASC"],
-        )
+        return smoke_parents(self.client())
 
     def ran(self, parent) -> set[str]:  # noqa: ANN001
         """The tasks that ran (opened a nested run) in the study of ``parent``."""

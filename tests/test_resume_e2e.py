@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO_ROOT, nested_runs, refused_port, run_cli, smoke_run
+from cli_helpers import REPO_ROOT, nested_runs, refused_port, run_cli, smoke_parents, smoke_run
 from mlflow import MlflowClient
 
 from aemnist import plan
@@ -57,13 +57,7 @@ class Study:
         return MlflowClient(embedded_tracking_uri(self.workdir))
 
     def parents(self) -> list:
-        client = self.client()
-        experiment = client.get_experiment_by_name(EXPERIMENT)
-        return client.search_runs(
-            [experiment.experiment_id],
-            "tags.profile = 'smoke'",
-            order_by=["attribute.start_time ASC"],
-        )
+        return smoke_parents(self.client())
 
     def ran(self, parent) -> dict:  # noqa: ANN001
         """The tasks that ran (opened a nested run) in the study of ``parent``."""
