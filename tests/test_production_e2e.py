@@ -146,10 +146,14 @@ class Stack:
             time.sleep(2)
         raise AssertionError(f"flow run {flow_run_id} not finished in {timeout:g} s")
 
+    def all_artifacts(self, flow_run_id: str) -> list[dict]:
+        """Every Prefect artifact of a flow run (of each of its attempts)."""
+        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        return self.api("/artifacts/filter", body)
+
     def artifacts(self, flow_run_id: str) -> dict[str, dict]:
         """The Prefect artifacts of a flow run, by key (the latest of each)."""
-        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
-        return {a["key"]: a for a in self.api("/artifacts/filter", body) if a["key"]}
+        return {a["key"]: a for a in self.all_artifacts(flow_run_id) if a["key"]}
 
     def prefect(self, *args: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -414,6 +418,14 @@ def test_deployment_run_shows_tables_1_and_2_and_the_report_in_prefect(
     n_pairs = len(SMOKE.grid.learning_rates) * len(SMOKE.grid.weight_decays)
     assert len(rows_1) == n_pairs and {"lr", "weight_decay"} <= set(rows_1[0])
     assert sorted(row["size"] for row in rows_2) == sorted(SMOKE.sweep.sizes)
+    # Each attempt links to its MLflow parent run on the tracking server's UI.
+    links = {a["data"] for a in stack.all_artifacts(flow_run_id) if a["key"] == "mlflow-run"}
+    client = MlflowClient(stack.mlflow_uri)
+    assert links == {
+        f"[MLflow run {run.info.run_id}]({stack.mlflow_uri}/#/experiments/"
+        f"{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)"
+        for run in parents_of(client, flow_run_id)
+    }
 
 
 def test_credentials_reach_no_log_flow_parameter_or_mlflow_run(

@@ -200,7 +200,7 @@ def _run_study(
 ) -> int:
     from aemnist.data import ensure_writable, flow_mirror_parameter
     from aemnist.plan import resolve_study
-    from aemnist.tracking import TRACKING_ENV, open_store, resolve_tracking_uri
+    from aemnist.tracking import TRACKING_ENV, open_store, resolve_tracking_uri, ui_page
 
     # The flow resolves the study from its parameters, as a deployment run does; resolving it
     # here too (the same function) stops a device this machine lacks before the work dir is
@@ -213,7 +213,7 @@ def _run_study(
     _lock_workdir(workdir)
     # Opens (creates, migrates) the MLflow store now, while the server starts; or fails
     # fast when a tracking server does not answer.
-    open_store(resolve_tracking_uri(workdir), workdir)
+    experiment_id = open_store(resolve_tracking_uri(workdir), workdir)
 
     from flows.study import study
 
@@ -239,10 +239,12 @@ def _run_study(
     tracking = os.environ.get(TRACKING_ENV)
     print(f"\nStudy ({config.profile}) finished in {time.monotonic() - started:.0f} s.")
     print(f"Report: {report}")
+    # The experiment's runs list (not the UI's GenAI overview), without credentials.
+    runs = ui_page(tracking or "", experiment_id)
     if tracking:
-        print(f"MLflow runs: {tracking}")
+        print(f"MLflow runs: {runs}")
     else:
-        print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open http://127.0.0.1:5000")
+        print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open {runs}")
     return 0
 
 
