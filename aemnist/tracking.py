@@ -454,11 +454,17 @@ def log_to_parent(
         parent.client.log_text(parent.run_id, frame.to_csv(index=False), artifact_file)
 
 
-def release_model(ctx: TrackingContext, version: str, name: str = REGISTERED_MODEL) -> str | None:
+def latest_alias(profile: str) -> str:
+    """The alias of a profile's newest finished final model (MLflow reserves plain
+    ``latest`` for its own newest version of any profile)."""
+    return f"latest-{profile}"
+
+
+def release_model(ctx: TrackingContext, version: str, name: str = REGISTERED_MODEL) -> list[str]:
     """Tag a registered version of the final model, once its run has finished, with the
-    study's profile, config hash and seed (its parent run's tags) and its test MSE; a
-    paper-profile version also takes the alias ``champion`` unless a newer version holds it.
-    Returns the alias it took, if any.
+    study's profile, config hash and seed (its parent run's tags) and its test MSE; give it
+    the alias ``latest-<profile>`` and, for the paper profile, ``champion``, each unless a
+    newer version holds it. Returns the aliases it took.
 
     Raises TrackingError when the version's run has not finished or logged no test MSE."""
     client = MlflowClient(ctx.tracking_uri)
@@ -477,13 +483,17 @@ def release_model(ctx: TrackingContext, version: str, name: str = REGISTERED_MOD
     tags["test_mse"] = repr(float(test_mse))
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    if tags.get("profile") != CHAMPION_PROFILE:
-        return None
-    holder = client.get_registered_model(name).aliases.get(CHAMPION)
-    if holder is not None and int(holder) > int(version):
-        return None  # a newer paper-profile model finished first
-    client.set_registered_model_alias(name, CHAMPION, version)
-    return CHAMPION
+    aliases = [latest_alias(tags["profile"])] if "profile" in tags else []
+    if tags.get("profile") == CHAMPION_PROFILE:
+        aliases.append(CHAMPION)
+    held = client.get_registered_model(name).aliases
+    took = []
+    for alias in aliases:
+        if alias in held and int(held[alias]) > int(version):
+            continue  # a newer model of that kind finished first
+        client.set_registered_model_alias(name, alias, version)
+        took.append(alias)
+    return took
 
 
 def study_experiment_id(tracking_uri: str) -> str | None:

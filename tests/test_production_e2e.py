@@ -567,6 +567,28 @@ def test_mlflow_ui_compares_the_grid_runs_on_parallel_coordinates(
         page.screenshot(path=ARTIFACTS / "mlflow-ui-parallel-coordinates.png")
 
 
+def test_mlflow_ui_shows_the_final_models_alias_on_the_registered_model_page(
+    stack: Stack, deployed_smoke: DeployedRun
+) -> None:
+    from playwright.sync_api import expect
+
+    client = MlflowClient(stack.mlflow_uri)
+    _, parent = parents_of(client, deployed_smoke.flow_run_id)
+    final = next(
+        run for name, run in nested_runs(client, parent.info.run_id).items()
+        if name.startswith("final size=")
+    )  # fmt: skip
+    version = client.get_model_version_by_alias(REGISTERED_MODEL, "latest-smoke")
+    assert version.run_id == final.info.run_id
+    ARTIFACTS.mkdir(exist_ok=True)
+    with chromium() as browser:
+        page = stack.mlflow_page(browser)
+        page.goto(f"{stack.mlflow_uri}/#/models/{REGISTERED_MODEL}")
+        row = page.get_by_role("row").filter(has_text=f"Version {version.version}")
+        expect(row).to_contain_text("@ latest-smoke", timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "mlflow-ui-registered-model.png")
+
+
 def test_mlflow_ui_shows_the_study_a_fold_and_its_metric_charts(
     stack: Stack, deployed_smoke: DeployedRun
 ) -> None:

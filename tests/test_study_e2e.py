@@ -38,7 +38,6 @@ from aemnist.runtime import with_resolved_device
 from aemnist.schemas import file_sha256, read_frame
 from aemnist.status import study_status
 from aemnist.tracking import (
-    CHAMPION,
     EXPERIMENT,
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
@@ -155,10 +154,10 @@ def test_final_model_is_registered_and_loads(smoke_study) -> None:
         "seed": str(SMOKE.seed),
         "test_mse": repr(final.data.metrics["test_mse"]),
     }
-    assert CHAMPION not in versions[0].aliases
+    assert versions[0].aliases == ["latest-smoke"]  # a smoke model is no champion
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
-        model = mlflow.pytorch.load_model(f"models:/{REGISTERED_MODEL}@latest")
+        model = mlflow.pytorch.load_model(f"models:/{REGISTERED_MODEL}@latest-smoke")
     finally:
         mlflow.set_tracking_uri(None)
     with torch.inference_mode():

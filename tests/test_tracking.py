@@ -213,8 +213,8 @@ def test_a_finished_paper_model_is_tagged_and_loads_as_the_champion(registry) ->
     uri = embedded_tracking_uri(workdir)
     client = MlflowClient(uri)
     version = client.get_model_version(REGISTERED_MODEL, made["version"])
-    assert made["took"] == CHAMPION
-    assert version.aliases == [CHAMPION]
+    assert made["took"] == ["latest-paper", CHAMPION]
+    assert sorted(version.aliases) == sorted(made["took"])
     assert version.run_id == made["run"]
     assert version.tags == {
         "profile": "paper",
@@ -239,7 +239,7 @@ def test_champion_moves_only_to_a_newer_finished_paper_model(registry) -> None:
     # A smoke-profile model is tagged and is the newest version, but no champion.
     smoke = _study(workdir, "smoke")
     newest = _register_again(ctx, smoke, "FINISHED")
-    assert release_model(smoke, newest) is None
+    assert release_model(smoke, newest) == ["latest-smoke"]
     assert client.get_model_version(REGISTERED_MODEL, newest).tags["profile"] == "smoke"
     assert champion() == first
     # A version whose run did not finish is refused, with one line, and tagged nothing.
@@ -253,10 +253,14 @@ def test_champion_moves_only_to_a_newer_finished_paper_model(registry) -> None:
     # that finishes after it.
     older = _register_again(ctx, ctx, "FINISHED")
     newer = _register_again(ctx, ctx, "FINISHED")
-    assert release_model(ctx, newer) == CHAMPION
-    assert release_model(ctx, older) is None
+    assert release_model(ctx, newer) == ["latest-paper", CHAMPION]
+    assert release_model(ctx, older) == []
     assert champion() == newer
     assert client.get_model_version(REGISTERED_MODEL, first).aliases == []
+    latest = client.get_model_version_by_alias(REGISTERED_MODEL, "latest-paper")
+    assert latest.version == newer
+    smoke_latest = client.get_model_version_by_alias(REGISTERED_MODEL, "latest-smoke")
+    assert smoke_latest.version == newest
     # MLflow reserves the alias `latest` and resolves it to the newest version, of any profile.
     assert client.get_model_version_by_alias(REGISTERED_MODEL, "latest").version == newer
 
