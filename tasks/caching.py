@@ -13,6 +13,7 @@ from typing import Any
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 from prefect.transactions import get_transaction
@@ -111,5 +112,15 @@ def result_storage(layout: Layout) -> CacheStore:
         )
     storage = CacheStore(basepath=str(layout.cache_dir))
     digest = hashlib.sha256(str(layout.root).encode()).hexdigest()[:16]
-    storage.save(f"aemnist-cache-{digest}", overwrite=True)
+    # The first save on a server registers the block's type and schema, read-then-create:
+    # runs starting at once race to create them, and the losers get ObjectAlreadyExists
+    # (seen with three deployment runs on a PostgreSQL-backed server). Saving again reads
+    # what the winner created.
+    for attempt in range(3):
+        try:
+            storage.save(f"aemnist-cache-{digest}", overwrite=True)
+            break
+        except ObjectAlreadyExists:
+            if attempt == 2:
+                raise
     return storage
