@@ -612,3 +612,20 @@ def test_a_database_option_that_is_not_a_postgresql_server_url_is_refused_withou
         parse_database(spec)
     assert problem in str(error.value)
     assert "hunter2" not in str(error.value)
+
+
+def test_a_database_url_keeps_its_quoted_credentials_for_the_servers_and_shows_none() -> None:
+    server = parse_database("postgresql://team%40lab:p%2Fss%3Aw0rd@db.example.org:6543")
+    assert (server.host, server.port, server.user, server.password) == (
+        "db.example.org", 6543, "team@lab", "p/ss:w0rd"
+    )  # fmt: skip
+    # Quoted again for SQLAlchemy, one database each for Prefect (asyncpg) and MLflow (psycopg).
+    assert server.url("asyncpg", "prefect") == (
+        "postgresql+asyncpg://team%40lab:p%2Fss%3Aw0rd@db.example.org:6543/prefect"
+    )
+    assert server.url("psycopg", "mlflow").startswith("postgresql+psycopg://team%40lab:")
+    assert server.shown == "postgresql://***@db.example.org:6543"
+    assert server.scrub("failed for p/ss:w0rd and p%2Fss%3Aw0rd") == "failed for *** and ***"
+    assert parse_database("postgres://u@[::1]").url("asyncpg", "prefect") == (
+        "postgresql+asyncpg://u@[::1]:5432/prefect"
+    )
