@@ -418,7 +418,7 @@ def test_a_run_whose_worker_is_killed_completes_on_retry_training_only_what_was_
     for key in keys:
         history = client.get_metric_history(again[paused].info.run_id, key)
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
-    assert {name for name in again if name.startswith(("grid ", "sweep "))} == {paused}
+    assert {name for name in again if training_stage(name) in ("grid", "sweep")} == {paused}
     print(
         f"\n[postgres] fourth run: worker killed {killed.seconds_to_kill:.0f} s after launch "
         f"({len(killed.killed_pids)} processes); retry completed in "
