@@ -15,7 +15,6 @@ import re
 import signal
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from test_production_e2e import Background, Stack, aemnist, parents_of
 
 from aemnist.faults import pause_marker
 from aemnist.tracking import EXPERIMENT
+from deployments.auth import CREDENTIALS_FILE, read_credentials
 from deployments.postgres import find_binaries, parse_database
 from deployments.stack import StackError
 
@@ -77,7 +77,8 @@ class PgStack:
         started = time.monotonic()
         self.server = aemnist(
             ["server", "--workdir", str(self.workdir), "--database", "postgres",
-             "--database-port", str(free_port()), "--prefect-port", "0", "--mlflow-port", "0"],
+             "--database-port", str(free_port()), "--prefect-port", "0", "--mlflow-port", "0",
+             "--auth"],
             self.env,
             self.root / f"server-{len(self.start_seconds) + 1}.log",
         )  # fmt: skip
@@ -85,8 +86,16 @@ class PgStack:
         self.start_seconds.append(time.monotonic() - started)
         prefect_api = re.search(r"export PREFECT_API_URL=(\S+)", output).group(1)
         mlflow_uri = re.search(r"export MLFLOW_TRACKING_URI=(\S+)", output).group(1)
-        env = {**self.env, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_uri}
-        self.stack = Stack(self.root, self.workdir, prefect_api, mlflow_uri, env)
+        credentials = read_credentials(self.workdir / "server" / CREDENTIALS_FILE)
+        env = {
+            **self.env,
+            "PREFECT_API_URL": prefect_api,
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+            **credentials.client_env(),
+        }
+        self.stack = Stack(
+            self.root, self.workdir, prefect_api, mlflow_uri, env, credentials, output
+        )
         return self.stack
 
     def stop(self) -> int:
@@ -108,7 +117,12 @@ def pg(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Iterator
     try:
         result = run_cli(["deploy"], home=root / "client-home", env=stack.env)
         assert result.returncode == 0, result.stdout + result.stderr
-        yield pg
+        # This process's MLflow client reads the server's runs with the credentials too (they
+        # stay the same across restarts).
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_USERNAME", stack.credentials.mlflow_username)
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", stack.credentials.mlflow_password)
+            yield pg
     finally:
         pg.stop()
 
@@ -141,14 +155,7 @@ def start_worker(stack: Stack, name: str, *extra: str, env: dict[str, str] | Non
 
 def task_runs(stack: Stack, flow_run_id: str) -> list[dict]:
     """The task runs of a flow run, as the Prefect UI reads them from the API."""
-    body = json.dumps({"flow_runs": {"id": {"any_": [flow_run_id]}}}).encode()
-    request = urllib.request.Request(
-        f"{stack.prefect_api}/task_runs/filter",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request) as response:
-        return json.load(response)
+    return stack.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
 
 
 def training_stage(name: str) -> str | None:
@@ -373,15 +380,8 @@ def killed(stack: Stack, concurrent: Concurrent) -> Killed:
         doomed.stop()
     # Nobody told the server: the run is still Running there.
     assert stack.flow_run(flow_run_id)["state"]["type"] == "RUNNING"
-    set_state = urllib.request.Request(
-        f"{stack.prefect_api}/flow_runs/{flow_run_id}/set_state",
-        data=json.dumps(
-            {"state": {"type": "CRASHED", "message": "its worker was killed"}, "force": True}
-        ).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(set_state) as response:
-        assert json.load(response)["status"] == "ACCEPT"
+    crashed = {"state": {"type": "CRASHED", "message": "its worker was killed"}, "force": True}
+    assert stack.api(f"/flow_runs/{flow_run_id}/set_state", crashed)["status"] == "ACCEPT"
     with stack.worker("replacement") as worker:
         started = time.monotonic()
         stack.prefect("flow-run", "retry", flow_run_id)
@@ -435,13 +435,7 @@ def database_port(pg: PgStack) -> int:
 
 
 def flow_run_states(stack: Stack) -> dict[str, str]:
-    request = urllib.request.Request(
-        f"{stack.prefect_api}/flow_runs/filter",
-        data=b"{}",
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request) as response:
-        return {run["id"]: run["state"]["type"] for run in json.load(response)}
+    return {run["id"]: run["state"]["type"] for run in stack.api("/flow_runs/filter", {})}
 
 
 def test_bad_database_inputs_stop_with_one_line_and_leave_the_stack_and_its_runs_alone(
@@ -565,14 +559,7 @@ def test_the_generated_password_is_in_no_output_log_command_line_or_tracked_reco
     for run in runs:
         recorded = json.dumps([run.data.params, run.data.tags])
         assert password not in recorded, run.info.run_name
-    body = json.dumps({}).encode()
-    request = urllib.request.Request(
-        f"{pg.stack.prefect_api}/flow_runs/filter",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request) as response:
-        assert password not in response.read().decode()
+    assert password not in json.dumps(pg.stack.api("/flow_runs/filter", {}))
 
 
 def test_missing_postgresql_binaries_are_named_with_the_package_to_install(
