@@ -113,8 +113,8 @@ def pg(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Iterator
         {"AEMNIST_MNIST_MIRROR": str(mnist_mirror), "PREFECT_WORKER_QUERY_SECONDS": "2"},
     )
     pg = PgStack(root, root / "server-work", env)
-    stack = pg.start()
     try:
+        stack = pg.start()
         result = run_cli(["deploy"], home=root / "client-home", env=stack.env)
         assert result.returncode == 0, result.stdout + result.stderr
         # This process's MLflow client reads the server's runs with the credentials too (they
@@ -124,7 +124,8 @@ def pg(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Iterator
             patch.setenv("MLFLOW_TRACKING_PASSWORD", stack.credentials.mlflow_password)
             yield pg
     finally:
-        pg.stop()
+        if pg.server is not None:  # launched, whether it came up or not
+            pg.stop()
 
 
 @pytest.fixture(scope="module")
