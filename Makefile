@@ -18,9 +18,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP_INSTALL) -e .
 	touch $@
 
-# The tests drive the Dask task runner too.
+# The tests drive the Dask task runner and the PostgreSQL-backed stack too.
 $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
-	$(PIP_INSTALL) -e '.[dev,dask]'
+	$(PIP_INSTALL) -e '.[dev,dask,postgres]'
 	touch $@
 
 run: $(VENV)/.installed

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from aemnist.workdir import sqlite_url
 
@@ -57,6 +58,9 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"
 # MLflow keeps at most 36 characters of a dataset's digest: the SHA-256's first 36 hex
 # digits (144 bits); the whole SHA-256 is in the dataset's profile.
 _DIGEST_CHARS = 36
+# Attempts at logging a run's dataset inputs, racing other tasks that log the same dataset.
+_INPUT_ATTEMPTS = 4
+
 # A tracking server with authentication: MLflow's client sends these as basic auth.
 USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
@@ -294,6 +298,13 @@ def parent_run_page(ctx: TrackingContext, workdir: Path) -> tuple[str, str]:
     return page, f"The study's MLflow run: {how}; then open this link."
 
 
+def _duplicate_key(exc: MlflowException) -> bool:
+    """Whether the tracking store refused a write for a key another writer stored first
+    (PostgreSQL's unique_violation, SQLite's UNIQUE constraint)."""
+    text = str(exc)
+    return "UniqueViolation" in text or "UNIQUE constraint failed" in text
+
+
 class TaskRun:
     """A nested run of the study's parent run: one per task."""
 
@@ -345,7 +356,18 @@ class TaskRun:
                 profile=json.dumps(profile),
             )
             inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, use.context)]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        # The server looks a dataset up and inserts it if absent, in one transaction: tasks
+        # logging the same table at once (a study's folds, every study's MNIST) race there,
+        # and on PostgreSQL the loser's insert breaks the unique key. Logging again, once
+        # the winner has committed, links the dataset it stored.
+        for attempt in range(_INPUT_ATTEMPTS):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as exc:
+                if attempt == _INPUT_ATTEMPTS - 1 or not _duplicate_key(exc):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_pytorch_model(
         self, model: Any, input_example: Any, registered_name: str = REGISTERED_MODEL

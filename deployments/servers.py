@@ -613,15 +613,17 @@ def start_prefect_server(
     port: int,
     env: Mapping[str, str],
     credentials: Credentials | None = None,
+    database_url: str | None = None,
 ) -> Service:
-    """A Prefect server (API and UI) with its database in ``state_dir``: CSRF protection on,
-    no cross-origin requests but its own UI's, its UI pointed at its own API; with
-    ``credentials``, every request but the health check needs the auth string."""
+    """A Prefect server (API and UI) with its database in ``state_dir``, or at
+    ``database_url`` (PostgreSQL; it holds a password, so it goes through the environment):
+    CSRF protection on, no cross-origin requests but its own UI's, its UI pointed at its own
+    API; with ``credentials``, every request but the health check needs the auth string."""
     server_env = {
         **without_client_credentials(env),
         "PREFECT_HOME": str(state_dir / "prefect-home"),
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": (
-            f"sqlite+aiosqlite:///{state_dir / 'prefect.db'}"
+            database_url or f"sqlite+aiosqlite:///{state_dir / 'prefect.db'}"
         ),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         **prefect_server_env(port, credentials),
@@ -643,23 +645,27 @@ def start_mlflow_server(
     port: int,
     env: Mapping[str, str],
     credentials: Credentials | None = None,
+    backend_store_uri: str | None = None,
 ) -> Service:
     """An MLflow tracking server on the work dir's store: the same SQLite database and
     artifact folder that `aemnist run` uses without a server, so local and deployed runs
     show side by side. Artifacts are served through the server (mlflow-artifacts:/), so
     workers that do not share this file system can log them. With ``credentials``, MLflow's
-    basic-auth app asks every request but the health check for them."""
+    basic-auth app asks every request but the health check for them. ``backend_store_uri``
+    (a PostgreSQL database) replaces the SQLite database; it holds a password, so it goes
+    through the environment (MLflow's MLFLOW_BACKEND_STORE_URI), not the command line that
+    `ps` shows."""
     from aemnist.tracking import embedded_tracking_uri  # imports MLflow: only when needed
 
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", embedded_tracking_uri(workdir),
         "--artifacts-destination", str(workdir / "mlartifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     server_env = {
         k: v for k, v in without_client_credentials(env).items() if k != "MLFLOW_TRACKING_URI"
     }
+    server_env["MLFLOW_BACKEND_STORE_URI"] = backend_store_uri or embedded_tracking_uri(workdir)
     if credentials is not None:
         auth_args, auth_env = mlflow_auth(state_dir, credentials)
         command += auth_args

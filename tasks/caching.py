@@ -7,12 +7,14 @@ this project did not write is refused and its task recomputed, never deserialize
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 from prefect.transactions import get_transaction
@@ -86,6 +88,9 @@ def submit_job(
     return runner.submit(configured, parameters)
 
 
+SAVE_ATTEMPTS = 5  # of the cache block, racing other runs' first saves on a fresh server
+
+
 def result_storage(layout: Layout) -> CacheStore:
     """The work dir's result store (the cache), beside the tables it describes: moving or
     deleting a work dir moves or deletes its cache with it. Saved as a block, so that every
@@ -111,5 +116,18 @@ def result_storage(layout: Layout) -> CacheStore:
         )
     storage = CacheStore(basepath=str(layout.cache_dir))
     digest = hashlib.sha256(str(layout.root).encode()).hexdigest()[:16]
-    storage.save(f"aemnist-cache-{digest}", overwrite=True)
+    # The first saves on a server race when runs start at once (seen with three deployment
+    # runs on a PostgreSQL-backed server): the block's type and schema are registered
+    # read-then-create, so the losers get ObjectAlreadyExists; and the server's first block
+    # document creates its encryption key, which the losers' documents collide on, reported
+    # as "already exists" for a document that does not (ObjectNotFound when overwritten).
+    # Saving again, once the winner has committed, reads what it created.
+    for attempt in range(SAVE_ATTEMPTS):
+        try:
+            storage.save(f"aemnist-cache-{digest}", overwrite=True)
+            break
+        except (ObjectAlreadyExists, ObjectNotFound):
+            if attempt == SAVE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
     return storage

@@ -11,10 +11,14 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from deployments.stack import WORK_POOL, StackError
+from aemnist.workdir import LOCK_NAME
+from deployments.stack import LOOPBACK, WORK_POOL, StackError
 from flows.cli.options import add_auth, add_host, add_port, add_workdir
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from aemnist.workdir import WorkdirLock
     from flows.cli.options import Commands
 
 # Seconds a stopped `server` or `ui` has to stop its servers in order before it stops them
@@ -23,6 +27,8 @@ SERVER_GRACE = 45.0
 UI_GRACE = WORKER_GRACE = 30.0
 # Seconds `ui` waits for the MLflow UI to answer.
 UI_TIMEOUT = 180.0
+# `aemnist server --database`'s value from the environment (a URL with a password).
+DATABASE_ENV = "AEMNIST_DATABASE"
 
 
 def add_ui(commands: Commands) -> None:
@@ -59,6 +65,23 @@ def add_server(commands: Commands) -> None:
         help="seconds to wait for both servers to answer (default: 180)",
     )
     add_auth(server)
+    server.add_argument(
+        "--database",
+        default=os.environ.get(DATABASE_ENV, "sqlite"),
+        metavar="sqlite|postgres|URL",
+        help="where both servers keep their data: sqlite (the default: WORKDIR/mlflow.db and "
+        "WORKDIR/server/prefect.db), postgres (a PostgreSQL cluster of the stack's own in "
+        "WORKDIR/server/postgres, on 127.0.0.1) or postgresql://USER:PASSWORD@HOST:PORT (an "
+        "existing server; the stack uses its databases prefect and mlflow, created if "
+        f"absent). A password in this option shows in `ps`: set {DATABASE_ENV} instead",
+    )
+    server.add_argument(
+        "--database-port",
+        type=int,
+        default=5432,
+        metavar="PORT",
+        help="the port of the stack's own PostgreSQL cluster (default: 5432)",
+    )
     server.set_defaults(handler=_server)
 
 
@@ -90,6 +113,7 @@ def add_worker(commands: Commands) -> None:
 def _server(args: argparse.Namespace) -> int:
     from aemnist.data import ensure_writable
     from deployments.auth import load_or_create_credentials, require_auth_off_loopback
+    from deployments.postgres import OWN_CLUSTER, open_database, parse_database
     from deployments.servers import (
         check_port_free,
         handle_stop_signals,
@@ -102,24 +126,39 @@ def _server(args: argparse.Namespace) -> int:
     )
 
     require_auth_off_loopback(args.host, args.auth, "Prefect and MLflow servers")
+    spec = parse_database(args.database)
     workdir = args.workdir.resolve()
     ensure_writable(workdir)
     state = workdir / "server"
     state.mkdir(mode=0o700, exist_ok=True)
+    _lock = lock_server(state)  # held until this process ends
     credentials, credentials_file, created = (
         load_or_create_credentials(state) if args.auth else (None, None, False)
     )
     check_port_free(args.host, args.prefect_port, "Prefect server", "--prefect-port")
     check_port_free(args.host, args.mlflow_port, "MLflow server", "--mlflow-port")
+    if spec == OWN_CLUSTER:
+        check_port_free(LOOPBACK, args.database_port, "PostgreSQL server", "--database-port")
     # Before the first server: Ctrl-C, a plain `kill` or a closed terminal (SIGINT, SIGTERM,
     # SIGHUP) stops both servers, during their start-up too.
     handle_stop_signals(SERVER_GRACE)
-    print("Starting the Prefect server and the MLflow server ...", flush=True)
     env = dict(os.environ)
+    env.pop(DATABASE_ENV, None)  # its password is for the servers' database URLs only
     serving = False
     try:
-        prefect = start_prefect_server(state, args.host, args.prefect_port, env, credentials)
-        mlflow = start_mlflow_server(workdir, state, args.host, args.mlflow_port, env, credentials)
+        # PostgreSQL first: launched before both servers, it is stopped after them.
+        database = open_database(spec, state, args.database_port, args.timeout, _tell)
+        if database is not None:
+            print(f"Database: {database.description}", flush=True)
+        print("Starting the Prefect server and the MLflow server ...", flush=True)
+        prefect = start_prefect_server(
+            state, args.host, args.prefect_port, env, credentials,
+            database_url=database and database.prefect_url,
+        )  # fmt: skip
+        mlflow = start_mlflow_server(
+            workdir, state, args.host, args.mlflow_port, env, credentials,
+            backend_store_uri=database and database.mlflow_url,
+        )  # fmt: skip
         services = [prefect, mlflow]
         wait_until_ready(services, args.timeout)
         if credentials_file is None:
@@ -139,7 +178,8 @@ def _server(args: argparse.Namespace) -> int:
             f"  export PREFECT_API_URL={prefect.url}/api\n"
             f"  export MLFLOW_TRACKING_URI={mlflow.url}\n"
             f"{load}"
-            f"Logs: {state}/*.log. Ctrl-C stops both servers.",
+            f"Logs: {state}/*.log. Ctrl-C stops both servers"
+            f"{' and PostgreSQL' if spec == OWN_CLUSTER else ''}.",
             flush=True,
         )
         serving = True
@@ -157,6 +197,22 @@ def _server(args: argparse.Namespace) -> int:
         return 0 if serving else stop_exit_code(signum)
     finally:
         stop_children()
+
+
+def lock_server(state: Path) -> WorkdirLock:
+    """The work dir's server lock (an flock on WORKDIR/server/.aemnist.lock): one `aemnist
+    server` per work dir, so that two never start servers, or PostgreSQL, on one store."""
+    from aemnist.workdir import WorkdirLocked, lock_workdir
+
+    try:
+        return lock_workdir(state)
+    except WorkdirLocked as exc:
+        who = f"process {exc.holder}" if exc.holder else "another process"
+        raise StackError(
+            f"work dir {state.parent} is already served by {who} (another `aemnist server`; "
+            f"it holds {state / LOCK_NAME}): use that one, stop it first, or pick another "
+            f"--workdir"
+        ) from None
 
 
 def _tell(line: str) -> None:
