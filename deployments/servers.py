@@ -44,6 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from aemnist.workdir import sqlite_url
 from deployments.auth import (
     PREFECT_AUTH_ENV,
     Credentials,
@@ -623,7 +624,7 @@ def start_prefect_server(
         **without_client_credentials(env),
         "PREFECT_HOME": str(state_dir / "prefect-home"),
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": (
-            database_url or f"sqlite+aiosqlite:///{state_dir / 'prefect.db'}"
+            database_url or sqlite_url(state_dir / "prefect.db", "sqlite+aiosqlite")
         ),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         **prefect_server_env(port, credentials),

@@ -128,3 +128,19 @@ def test_dask_security_option_is_parsed_and_its_mistakes_named(tmp_path: Path) -
         check_dask_scheduler("tcp://127.0.0.1:8786", tls, None)
     with pytest.raises(StackError, match="is not of the form tls://HOST:PORT"):
         check_dask_scheduler("udp://10.0.0.1:8786", None, None)
+
+
+def test_sqlite_urls_keep_databases_inside_a_work_dir_named_with_url_characters(
+    tmp_path: Path,
+) -> None:
+    # The Prefect server's, MLflow's and the MLflow auth app's databases: SQLAlchemy reads
+    # each URL back as the path it was made from ("?" would start a query string).
+    from sqlalchemy.engine import make_url
+
+    from aemnist.workdir import sqlite_url
+
+    for name in ("runs?v=1", "a#b", "100%", "two words"):
+        path = tmp_path / name / "server" / "prefect.db"
+        for driver in ("sqlite", "sqlite+aiosqlite"):
+            url = make_url(sqlite_url(path, driver))
+            assert (url.drivername, url.database, url.query) == (driver, str(path), {})
