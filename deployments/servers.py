@@ -49,6 +49,10 @@ from deployments.stack import LOOPBACK, PREFECT_API_ENV, PROJECT_ROOT, StackErro
 UNFINISHED_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 
 
+# Where a user points Prefect's server at a database of their own: it wins over ours.
+DATABASE_ENVS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
 @dataclass
 class Service:
     """A server running as a child process, the leader of its own process group; ``port`` is
@@ -696,7 +700,8 @@ class TemporaryPrefectServer:
     whole process, and the worker processes it starts (Dask's), is pointed at it: they would
     otherwise each start a temporary server of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: Path | None = None) -> None:
+        self.database = database
         self.service = self._launch()
         # Stopped by ``stop_children`` at exit (or on a stop signal), after the process's last
         # logs and events are shipped to it: Prefect registers their flush at exit after this
@@ -732,6 +737,9 @@ class TemporaryPrefectServer:
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
+        if self.database is not None and not any(name in env for name in DATABASE_ENVS):
+            # Its flow runs stay browsable after it stops: `aemnist server` opens this file.
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{self.database}"
         return launch_server("temporary Prefect server", command, env, LOOPBACK, 0, "/api/health")
 
     def _await(self) -> None:

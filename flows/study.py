@@ -20,16 +20,26 @@ from typing import Annotated, Any, Literal
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field
 
 from aemnist import plan
-from aemnist.config import MIRROR_ENV, SEED_MAX, Device, Profile, load_config, run_overrides
-from aemnist.runtime import prepare_device
+from aemnist.config import (
+    MIRROR_ENV,
+    SEED_MAX,
+    ConfigError,
+    Device,
+    Profile,
+    load_config,
+    run_overrides,
+)
+from aemnist.runtime import prepare_device, with_resolved_device
 from tasks.aggregate import summarise_grid, summarise_sweep
 from tasks.caching import result_storage, submit_job
 from tasks.data import assign_folds, download
 from tasks.evaluation import evaluate_corruption, map_embedding
+from tasks.slots import set_training_slots
 from tasks.study import close_study, link_reused, open_study, publish_results, write_report
 from tasks.training import final_model, grid_fold, sweep_size
 
@@ -211,7 +221,29 @@ def run_stages(study: plan.Study, runner: TaskRunner) -> str:
     return results["report"][0].path
 
 
-@flow(name="study")
+def study_run_name() -> str:
+    """The flow run's name: its profile, seed and config hash (the hash the parent MLflow run
+    is tagged with, of the config with its device resolved), e.g. ``smoke seed=0
+    config=0123456789ab``. A config that does not load names the run after its profile; the
+    flow then stops with the config's error."""
+    parameters = flow_run.parameters
+    config_file = parameters.get("config_file")
+    try:
+        config = with_resolved_device(
+            load_config(
+                parameters.get("profile"),
+                Path(config_file) if config_file else None,
+                run_overrides(
+                    parameters.get("seed"), parameters.get("device"), parameters.get("repeats")
+                ),
+            )
+        )
+    except (ConfigError, OSError):
+        return f"{parameters.get('profile') or 'study'} (config not loaded)"
+    return f"{config.profile} seed={config.seed} config={config.config_hash()[:12]}"
+
+
+@flow(name="study", flow_run_name=study_run_name)
 def study(
     profile: Profile | None = None,
     workdir: str = DEFAULT_WORKDIR,
@@ -240,6 +272,12 @@ def study(
         mnist_mirror,
         run_overrides(seed, device, repeats),
         plan.refreshed_stages(fresh, refresh),
+    )
+    slots = set_training_slots(resolved.config.runtime.device, resolved.workers)
+    get_run_logger().info(
+        "training slots: %d on %s, shared by the studies on this Prefect server",
+        resolved.workers,
+        slots,
     )
     # The decorator's default runner runs nothing: every task goes to this one, sized from
     # the resolved config on every launch path.

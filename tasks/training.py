@@ -19,6 +19,7 @@ from aemnist.tracking import TaskRun, TrackingContext
 from aemnist.training import EpochCallback, EpochResult, evaluate, train_fold, train_size
 from tasks.caching import StageCache, current_key
 from tasks.common import tracked_run
+from tasks.slots import in_training_slot
 
 # The MLflow metric of each epoch's scored loss, by the sweep's selection.
 SCORED_ON = {"test": "test_loss", "validation": "val_loss"}
@@ -61,7 +62,8 @@ def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
     with tracked_run(ctx, job.label, job.params(), job.stage) as run:
         maybe_fail(job.stage, **job.fault_key)
         set_torch_threads(job.compute.threads)
-        history = train_fold(
+        # One of the machine's training slots is held while it trains (tasks.slots).
+        history = in_training_slot(train_fold, job.compute.device)(
             load_images(job.train.path, job.train_limit),
             read_frame(job.folds.path, "folds"),
             job.fold,
@@ -95,7 +97,7 @@ def _trained_at_size(
         maybe_fail(job.stage, **job.fault_key)
         set_torch_threads(job.compute.threads)
         test_set = load_images(job.test.path, job.test_limit)
-        model, history = train_size(
+        model, history = in_training_slot(train_size, job.compute.device)(
             load_images(job.train.path, job.train_limit),
             test_set,
             size=job.size,

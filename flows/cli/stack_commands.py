@@ -11,6 +11,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
+from deployments.discovery import PREFECT_PORT
 from deployments.stack import WORK_POOL, StackError
 from flows.cli.options import add_host, add_port, add_workdir
 
@@ -49,7 +50,7 @@ def add_server(commands: Commands) -> None:
     )
     add_workdir(server)
     add_host(server, "both servers bind")
-    add_port(server, "--prefect-port", 4200)
+    add_port(server, "--prefect-port", PREFECT_PORT)
     add_port(server, "--mlflow-port", 5000)
     server.add_argument(
         "--timeout",
@@ -87,6 +88,7 @@ def add_worker(commands: Commands) -> None:
 
 def _server(args: argparse.Namespace) -> int:
     from aemnist.data import ensure_writable
+    from deployments.discovery import Endpoints, write_endpoints
     from deployments.servers import (
         check_port_free,
         handle_stop_signals,
@@ -125,6 +127,8 @@ def _server(args: argparse.Namespace) -> int:
             flush=True,
         )
         serving = True
+        # `aemnist run --workdir` on this work dir finds these servers and runs on them.
+        write_endpoints(workdir, Endpoints(f"{prefect.url}/api", mlflow.url, os.getpid()))
         while all(service.alive() for service in services):
             time.sleep(1.0)
         dead = next(service for service in services if not service.alive())

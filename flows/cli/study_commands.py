@@ -29,7 +29,9 @@ from aemnist.config import (
 from aemnist.layout import Layout
 from aemnist.plan import STAGES
 from aemnist.workdir import WorkdirLock, WorkdirLocked, lock_workdir
+from deployments.discovery import PREFECT_PORT, find_servers, prefect_database, server_dir
 from deployments.servers import (
+    DATABASE_ENVS,
     TemporaryPrefectServer,
     handle_stop_signals,
     stop_exit_code,
@@ -39,6 +41,8 @@ from deployments.stack import PREFECT_API_ENV, StackError
 from flows.cli.options import add_config_options, add_workdir, study_config
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
     from flows.cli.options import Commands
 
 # Seconds a run stopped by SIGINT, SIGTERM or SIGHUP has to wind down (its flow and MLflow run
@@ -159,9 +163,11 @@ def _run(args: argparse.Namespace) -> int:
         if workdir.is_dir():
             with contextlib.suppress(OSError):  # not writable: `_run_study` says so
                 _lock_workdir(workdir)
-        # The server starts first: its seconds of start-up overlap the imports and checks
-        # below.
-        api = None if os.environ.get(PREFECT_API_ENV) else TemporaryPrefectServer()
+        api = None
+        if not os.environ.get(PREFECT_API_ENV) and not _use_workdir_servers(workdir):
+            # The server starts first: its seconds of start-up overlap the imports and checks
+            # below.
+            api = _temporary_server(config, args.workdir)
         return _run_study(args, config, api, started)
     except WorkdirLocked as exc:
         print(f"aemnist: error: {exc}", file=sys.stderr)
@@ -170,6 +176,41 @@ def _run(args: argparse.Namespace) -> int:
         if (signum := stop_signal()) is not None:  # it said so on stderr when it came
             return stop_exit_code(signum)
         raise
+
+
+def _use_workdir_servers(workdir: Path) -> bool:
+    """Point this run at the servers of an `aemnist server` serving ``workdir``, if one runs
+    (its Prefect API; its MLflow server too unless MLFLOW_TRACKING_URI says otherwise)."""
+    from aemnist.tracking import TRACKING_ENV
+
+    servers = find_servers(workdir)
+    if servers is None:
+        return False
+    os.environ[PREFECT_API_ENV] = servers.prefect_api_url
+    os.environ.setdefault(TRACKING_ENV, servers.mlflow_tracking_uri)
+    print(
+        f"Running on the servers of `aemnist server` in {workdir} (process "
+        f"{servers.pid}): Prefect {servers.prefect_api_url}, MLflow {os.environ[TRACKING_ENV]}",
+        flush=True,
+    )
+    return True
+
+
+def _temporary_server(config: StudyConfig, workdir: Path) -> TemporaryPrefectServer:
+    """This run's own Prefect server, its database in the work dir (WORKDIR/server/prefect.db,
+    which `aemnist server --workdir` opens), so that the run's flow and task runs, logs and
+    artifacts stay browsable after the server stops with the run."""
+    if config.runtime.device == "cuda":
+        # A GPU this machine lacks is named before the work dir is created (checking takes
+        # torch: only a run that insists on CUDA gives up the overlap with the server).
+        from aemnist.plan import resolve_study
+
+        resolve_study(config, workdir)
+    workdir = workdir.resolve()
+    with contextlib.suppress(OSError):  # not writable: `_run_study` says so
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        server_dir(workdir).mkdir(mode=0o700, exist_ok=True)
+    return TemporaryPrefectServer(prefect_database(workdir))
 
 
 def _run_study(
@@ -199,8 +240,15 @@ def _run_study(
 
     if api is not None:
         api.ready()
-    with _heartbeats_off() if api is not None else contextlib.nullcontext():
-        report = study(
+    # The flow run, recorded as it starts, for the lines that say where to browse it.
+    runs: list[FlowRun] = []
+
+    def remember(flow: object, flow_run: FlowRun, state: object) -> None:
+        runs.append(flow_run)
+
+    browse = _BrowseHint(runs, workdir, temporary=api is not None)
+    with _heartbeats_off() if api is not None else contextlib.nullcontext(), browse:
+        report = study.with_options(on_running=[remember])(
             profile=config.profile,
             workdir=str(workdir),
             config_file=str(args.config.resolve()) if args.config else None,
@@ -222,7 +270,51 @@ def _run_study(
         print(f"MLflow runs: {tracking}")
     else:
         print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open http://127.0.0.1:5000")
+    browse.tell()
     return 0
+
+
+class _BrowseHint:
+    """The line that says where to browse the run's flow run (its graph, logs and artifacts)
+    in the Prefect UI: the run's last, or printed as it fails."""
+
+    def __init__(self, runs: list[FlowRun], workdir: Path, temporary: bool) -> None:
+        self.runs, self.workdir, self.temporary = runs, workdir, temporary
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self.tell()
+
+    def tell(self) -> None:
+        if self.runs:
+            _tell(_flow_run_lines(self.runs[0], self.workdir, self.temporary))
+
+
+def _flow_run_lines(flow_run: FlowRun, workdir: Path, temporary: bool) -> str:
+    from prefect.utilities.urls import url_for
+
+    if not temporary:
+        url = url_for("flow-run", obj_id=flow_run.id)
+        return f"Prefect flow run {flow_run.name!r}: {url or flow_run.id}"
+    page = f"http://127.0.0.1:{PREFECT_PORT}/runs/flow-run/{flow_run.id}"
+    if any(name in os.environ for name in DATABASE_ENVS):  # a database of the user's
+        return (
+            f"Prefect flow run {flow_run.name!r}: to browse it, `prefect server start` with "
+            f"the same database settings, then open {page}"
+        )
+    return (
+        f"Prefect flow run {flow_run.name!r} (in {prefect_database(workdir)}): to browse it, "
+        f"`aemnist server --workdir {workdir}`, then open {page}"
+    )
+
+
+def _tell(line: str) -> None:
+    """Print, unless the terminal has gone (a SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 # The work-dir locks this process holds, until it ends (the kernel then releases them): task
