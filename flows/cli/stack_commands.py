@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING
 
 from deployments.discovery import PREFECT_PORT
-from deployments.stack import WORK_POOL, StackError
+from deployments.stack import JOB_ENV, PROJECT_ROOT, ROOT_ENV, WORK_POOL, StackError
 from flows.cli.options import add_host, add_port, add_workdir
 
 if TYPE_CHECKING:
@@ -164,6 +164,11 @@ def _deploy(args: argparse.Namespace) -> int:
     print(f"Work pool {WORK_POOL!r} (process) {'created' if created else 'exists'} on {api}")
     names = deploy_study(os.environ)
     print(f"Deployments: {', '.join(names)}")
+    recorded = [name for name in JOB_ENV if os.environ.get(name)]
+    print(
+        f"Their runs start in {os.environ.get(ROOT_ENV) or PROJECT_ROOT}, with "
+        + (f"{' and '.join(recorded)} as in this shell" if recorded else "the worker's environment")
+    )
     print("Next: `aemnist worker`, then for instance `prefect deployment run study/smoke` "
           "(override any parameter with --param NAME=VALUE)")  # fmt: skip
     return 0
@@ -189,9 +194,12 @@ def _worker(args: argparse.Namespace) -> int:
     tracking = os.environ.get(TRACKING_ENV)
     if tracking:
         check_reachable(tracking)
-        print(f"Runs log to the MLflow tracking server {tracking}")
+        print(f"Runs log to {tracking}, unless their deployment names another tracking server")
     else:
-        print("MLFLOW_TRACKING_URI is not set: runs log to the embedded store of their work dir")
+        print(
+            "MLFLOW_TRACKING_URI is not set: runs log where their deployment says, else to the "
+            "embedded store of their work dir"
+        )
     command = worker_command(args.pool, args.limit, args.name)
     print(f"Worker on pool {args.pool!r} at {api}: {' '.join(command[2:])}", flush=True)
     # Prefect's worker runs as our child rather than in our place, so that a SIGHUP (a closed
