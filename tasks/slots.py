@@ -5,26 +5,24 @@ allows.
 
 Each study sets the limit of its machine's slots from its resolved config as it starts
 (``runtime.gpu_concurrency`` on a GPU, ``runtime.workers`` on the CPU, one per core when
-0), and each training task holds one slot while it trains. A task whose result is reused
-never runs its body, so a cached re-run takes no slot. The limits live on the Prefect
-server: they span flow runs that share one (``aemnist server``, PREFECT_API_URL); a run on
-its own temporary server has its slots to itself, as before."""
+0), and each training task (grid fold, sweep size, final model) holds one slot for its
+whole body, its nested MLflow run inside: that run's span is the time it held the slot
+(training, and the final model's evaluation, which keeps the model on the device), never
+time spent waiting for one. A task whose result is reused never runs its body, so a cached
+re-run takes no slot. The limits live on the Prefect server: they span flow runs that
+share one (``aemnist server``, PREFECT_API_URL); a run on its own temporary server has its
+slots to itself, as before."""
 
 from __future__ import annotations
 
-import functools
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ParamSpec, TypeVar
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import task_run
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def slots_name(device: str) -> str:
@@ -45,22 +43,10 @@ def set_training_slots(device: str, slots: int) -> str:
 
 @contextmanager
 def training_slot(device: str) -> Iterator[None]:
-    """Hold one of this machine's ``device`` slots while the body trains; waits for one to
+    """Hold one of this machine's ``device`` slots while the body runs; waits for one to
     be free. The running task run is recorded as the slot's holder (the Prefect UI shows
     it). Where the limit does not exist (a Dask worker on another machine), Prefect logs a
     warning and the body runs without a slot."""
     holder = ConcurrencyLeaseHolder(type="task_run", id=task_run.id) if task_run.id else None
     with concurrency(slots_name(device), occupy=1, holder=holder):
         yield
-
-
-def in_training_slot(train: Callable[P, R], device: str) -> Callable[P, R]:
-    """``train``, called in one of this machine's ``device`` slots (its arguments, the
-    images read, are computed before the slot is taken)."""
-
-    @functools.wraps(train)
-    def slotted(*args: P.args, **kwargs: P.kwargs) -> R:
-        with training_slot(device):
-            return train(*args, **kwargs)
-
-    return slotted

@@ -19,7 +19,7 @@ from aemnist.tracking import TaskRun, TrackingContext
 from aemnist.training import EpochCallback, EpochResult, evaluate, train_fold, train_size
 from tasks.caching import StageCache, current_key
 from tasks.common import tracked_run
-from tasks.slots import in_training_slot
+from tasks.slots import training_slot
 
 # The MLflow metric of each epoch's scored loss, by the sweep's selection.
 SCORED_ON = {"test": "test_loss", "validation": "val_loss"}
@@ -59,11 +59,15 @@ def _epoch_logger(run: TaskRun, job: FoldJob | SizeJob, eval_name: str) -> Epoch
 )
 def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
     """Train on every fold but the job's and record the per-epoch validation loss."""
-    with tracked_run(ctx, job.label, job.params(), job.stage) as run:
+    # One of the machine's training slots is held for the whole task run (tasks.slots): its
+    # MLflow run's span is the time it held the slot.
+    with (
+        training_slot(job.compute.device),
+        tracked_run(ctx, job.label, job.params(), job.stage) as run,
+    ):
         maybe_fail(job.stage, **job.fault_key)
         set_torch_threads(job.compute.threads)
-        # One of the machine's training slots is held while it trains (tasks.slots).
-        history = in_training_slot(train_fold, job.compute.device)(
+        history = train_fold(
             load_images(job.train.path, job.train_limit),
             read_frame(job.folds.path, "folds"),
             job.fold,
@@ -93,11 +97,14 @@ def _trained_at_size(
     """What the sweep and final stages share: a nested run, training at one size on the whole
     training set with the test loss each epoch, resumable from the task's checkpoint (removed
     once the body has stored its results). Yields the run, model, history and test images."""
-    with tracked_run(ctx, job.label, job.params(), job.stage) as run:
+    with (
+        training_slot(job.compute.device),
+        tracked_run(ctx, job.label, job.params(), job.stage) as run,
+    ):
         maybe_fail(job.stage, **job.fault_key)
         set_torch_threads(job.compute.threads)
         test_set = load_images(job.test.path, job.test_limit)
-        model, history = in_training_slot(train_size, job.compute.device)(
+        model, history = train_size(
             load_images(job.train.path, job.train_limit),
             test_set,
             size=job.size,
