@@ -284,7 +284,7 @@ def test_deployments_record_their_pull_step_run_environment_and_one_run_at_a_tim
             }
         }, name
         assert deployment["global_concurrency_limit"]["limit"] == 1, name
-        assert deployment["concurrency_options"] == {"collision_strategy": "ENQUEUE"}, name
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE", name
 
 
 def test_deploy_refuses_a_mirror_with_credentials_and_names_where_it_goes_instead(

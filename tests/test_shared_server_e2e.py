@@ -87,8 +87,9 @@ class Study:
 @pytest.fixture(scope="module")
 def two_studies(server: Server, mnist_mirror: Path) -> tuple[Study, Study]:
     """Two smoke studies started together with one training slot: one in the server's work
-    dir, without PREFECT_API_URL (it finds the server there), one in a work dir of its own
-    with PREFECT_API_URL set (it logs to its own MLflow store)."""
+    dir, without PREFECT_API_URL (it finds the server there, and logs to the work dir's MLflow
+    store, which the server's MLflow server serves), one in a work dir of its own with
+    PREFECT_API_URL set (it logs to its own MLflow store)."""
     config = server.root / "one-slot.toml"
     config.write_text(ONE_SLOT)
     own = server.root / "own"
@@ -136,8 +137,10 @@ def test_two_studies_on_one_server_never_train_more_models_at_once_than_its_slot
 ) -> None:
     served, own = two_studies
     # The run in the server's work dir found the server; both ran their flows on it.
-    assert f"Running on the servers of `aemnist server` in {served.workdir}" in served.stdout
-    assert "Running on the servers" not in own.stdout
+    assert f"Running on the Prefect server of `aemnist server` in {served.workdir}" in (
+        served.stdout
+    )
+    assert "Running on the Prefect server" not in own.stdout
     flow_run_ids = {served.flow_run_id(), own.flow_run_id()}
     for flow_run_id in flow_run_ids:
         assert server.get(f"/flow_runs/{flow_run_id}")["state_type"] == "COMPLETED"
@@ -231,7 +234,7 @@ def test_a_cached_rerun_takes_no_training_slot_and_after_the_server_stops_its_da
     assert not (served.workdir / "server" / "endpoints.json").exists()
     alone = run_cli(args, home=home, timeout=300)
     assert alone.returncode == 0, alone.stderr[-3000:]
-    assert "Running on the servers" not in alone.stdout
+    assert "Running on the Prefect server" not in alone.stdout
     database = served.workdir / "server" / "prefect.db"
     last = alone.stdout.rstrip().splitlines()[-1]
     in_db, workdir = re.escape(str(database)), re.escape(str(served.workdir))

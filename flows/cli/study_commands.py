@@ -179,18 +179,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _use_workdir_servers(workdir: Path) -> bool:
-    """Point this run at the servers of an `aemnist server` serving ``workdir``, if one runs
-    (its Prefect API; its MLflow server too unless MLFLOW_TRACKING_URI says otherwise)."""
-    from aemnist.tracking import TRACKING_ENV
-
+    """Point this run at the Prefect server of an `aemnist server` serving ``workdir``, if one
+    runs. MLflow stays the work dir's store, which that command's MLflow server serves: the
+    run shows there at once, and an experiment this run creates keeps its artifacts in the
+    work dir, readable by runs without the server too (one created through the server keeps
+    them behind its artifact proxy, which a run without it cannot reach)."""
     servers = find_servers(workdir)
     if servers is None:
         return False
     os.environ[PREFECT_API_ENV] = servers.prefect_api_url
-    os.environ.setdefault(TRACKING_ENV, servers.mlflow_tracking_uri)
     print(
-        f"Running on the servers of `aemnist server` in {workdir} (process "
-        f"{servers.pid}): Prefect {servers.prefect_api_url}, MLflow {os.environ[TRACKING_ENV]}",
+        f"Running on the Prefect server of `aemnist server` in {workdir} (process "
+        f"{servers.pid}): {servers.prefect_api_url}",
         flush=True,
     )
     return True
