@@ -7,6 +7,7 @@ in parallel threads or processes never log into each other's runs.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import socket
@@ -24,9 +25,14 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from aemnist.workdir import sqlite_url
+
 EXPERIMENT = "aemnist"
 REGISTERED_MODEL = "aemnist-autoencoder"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# A tracking server with authentication: MLflow's client sends these as basic auth.
+USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
 # MLflow caps a parameter value at 6000 characters and a batch at 100 params / 1000 metrics.
 _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
@@ -46,13 +52,8 @@ class TrackingContext:
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
-    """The SQLite store in the work dir as a SQLAlchemy URL, whose path ends at the first
-    ``?`` (a query string follows) and is percent-decoded: ``%`` and ``?`` are escaped, so a
-    work dir holding them keeps its store. Nothing else is (``#`` and spaces read as they
-    are): MLflow 3 creates the store's folder from the URL's text without decoding it, and
-    leaves an empty folder of the escaped name beside the work dir."""
-    path = str((workdir / "mlflow.db").resolve())
-    return "sqlite:///" + path.replace("%", "%25").replace("?", "%3F")
+    """The SQLite store in the work dir as a SQLAlchemy URL (escaped: ``sqlite_url``)."""
+    return sqlite_url(workdir / "mlflow.db")
 
 
 def resolve_tracking_uri(workdir: Path) -> str:
@@ -78,6 +79,32 @@ def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
             f"(`aemnist server` or `mlflow server`) or unset {TRACKING_ENV} to use the "
             f"embedded store in the work dir"
         ) from exc
+    _check_credentials(tracking_uri, timeout)
+
+
+def _check_credentials(tracking_uri: str, timeout: float) -> None:
+    """One clear error when a tracking server with authentication refuses this process's
+    credentials (MLflow's client would fail later, on the first run it logs)."""
+    url = tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1"
+    headers = {}
+    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    if user and password:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):
+            return  # not ours to judge: the client says what is wrong when it logs
+        given = "were refused" if user and password else "are not set"
+        raise TrackingError(
+            f"the MLflow tracking server {tracking_uri} asks for credentials and "
+            f"{USERNAME_ENV}/{PASSWORD_ENV} {given}: load the ones `aemnist server --auth` "
+            f"wrote (`set -a; . WORKDIR/server/credentials.env; set +a`)"
+        ) from None
+    except (urllib.error.URLError, OSError):
+        return
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:

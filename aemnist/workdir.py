@@ -97,3 +97,13 @@ def lock_workdir(workdir: Path, wait_for_id: float = 1.0) -> WorkdirLock:
         os.close(fd)
         raise
     return WorkdirLock(path, fd)
+
+
+def sqlite_url(path: Path, driver: str = "sqlite") -> str:
+    """A SQLite database file as a SQLAlchemy URL, whose path ends at the first ``?`` (a query
+    string follows) and is percent-decoded: ``%`` and ``?`` are escaped, so that a work dir
+    holding them keeps its database. Nothing else is (``#`` and spaces read as they are):
+    MLflow 3 creates the store's folder from the URL's text without decoding it, and would
+    leave an empty folder of the escaped name beside the work dir."""
+    text = str(path.resolve())
+    return f"{driver}:///" + text.replace("%", "%25").replace("?", "%3F")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import _thread
 import atexit
+import base64
 import contextlib
 import importlib.util
 import json
@@ -36,12 +37,20 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from deployments.auth import (
+    PREFECT_AUTH_ENV,
+    Credentials,
+    mlflow_auth,
+    prefect_server_env,
+    without_client_credentials,
+)
 from deployments.stack import LOOPBACK, PREFECT_API_ENV, PROJECT_ROOT, StackError
 
 # Prefect's state types outside its TERMINAL_STATES (prefect.states): a task run in one of
@@ -602,15 +611,24 @@ def wait_until_ready(services: list[Service], timeout: float) -> None:
         )
 
 
-def start_prefect_server(state_dir: Path, host: str, port: int, env: Mapping[str, str]) -> Service:
-    """A Prefect server (API and UI) with its database in ``state_dir``."""
+def start_prefect_server(
+    state_dir: Path,
+    host: str,
+    port: int,
+    env: Mapping[str, str],
+    credentials: Credentials | None = None,
+) -> Service:
+    """A Prefect server (API and UI) with its database in ``state_dir``: CSRF protection on,
+    no cross-origin requests but its own UI's, its UI pointed at its own API; with
+    ``credentials``, every request but the health check needs the auth string."""
     server_env = {
-        **env,
+        **without_client_credentials(env),
         "PREFECT_HOME": str(state_dir / "prefect-home"),
         "PREFECT_SERVER_DATABASE_CONNECTION_URL": (
             f"sqlite+aiosqlite:///{state_dir / 'prefect.db'}"
         ),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        **prefect_server_env(port, credentials),
     }
     server_env.pop(PREFECT_API_ENV, None)
     command = [
@@ -623,12 +641,18 @@ def start_prefect_server(state_dir: Path, host: str, port: int, env: Mapping[str
 
 
 def start_mlflow_server(
-    workdir: Path, state_dir: Path, host: str, port: int, env: Mapping[str, str]
+    workdir: Path,
+    state_dir: Path,
+    host: str,
+    port: int,
+    env: Mapping[str, str],
+    credentials: Credentials | None = None,
 ) -> Service:
     """An MLflow tracking server on the work dir's store: the same SQLite database and
     artifact folder that `aemnist run` uses without a server, so local and deployed runs
     show side by side. Artifacts are served through the server (mlflow-artifacts:/), so
-    workers that do not share this file system can log them."""
+    workers that do not share this file system can log them. With ``credentials``, MLflow's
+    basic-auth app asks every request but the health check for them."""
     from aemnist.tracking import embedded_tracking_uri  # imports MLflow: only when needed
 
     command = [
@@ -637,7 +661,13 @@ def start_mlflow_server(
         "--artifacts-destination", str(workdir / "mlartifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
-    server_env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    server_env = {
+        k: v for k, v in without_client_credentials(env).items() if k != "MLFLOW_TRACKING_URI"
+    }
+    if credentials is not None:
+        auth_args, auth_env = mlflow_auth(state_dir, credentials)
+        command += auth_args
+        server_env.update(auth_env)
     return launch_server(
         "MLflow server", command, server_env, host, port, "/health",
         state_dir / "mlflow-server.log",
@@ -645,7 +675,8 @@ def start_mlflow_server(
 
 
 def require_prefect_api(command: str) -> str:
-    """The Prefect API this process talks to; it must be a running server."""
+    """The Prefect API this process talks to; it must be a running server that accepts our
+    credentials (PREFECT_API_AUTH_STRING), if it asks for any."""
     api = os.environ.get(PREFECT_API_ENV, "").rstrip("/")
     if not api:
         raise StackError(
@@ -658,7 +689,74 @@ def require_prefect_api(command: str) -> str:
             f"no Prefect server answers at PREFECT_API_URL={api}: start it (`aemnist server`) "
             f"or correct PREFECT_API_URL"
         )
+    check_prefect_credentials(api)
     return api
+
+
+def check_prefect_credentials(api_url: str) -> None:
+    """Raise one clear error when the Prefect API refuses this process's credentials."""
+    try:
+        prefect_request(api_url, "/admin/version", timeout=10)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 401:
+            raise StackError(
+                f"the Prefect server at {api_url} answered {exc.code} to a version request: "
+                f"is PREFECT_API_URL the API of a Prefect server (ending in /api)?"
+            ) from None
+        given = "was refused" if os.environ.get(PREFECT_AUTH_ENV) else "is not set"
+        raise StackError(
+            f"the Prefect server at {api_url} asks for credentials and {PREFECT_AUTH_ENV} "
+            f"{given}: load the ones `aemnist server --auth` wrote (`set -a; . "
+            f"WORKDIR/server/credentials.env; set +a`)"
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError):
+        pass  # it answered its health check a moment ago: the client says what went wrong
+
+
+# CSRF tokens this process holds, by API URL: (client id, token).
+_csrf_tokens: dict[str, tuple[str, str]] = {}
+
+
+def prefect_request(
+    api_url: str,
+    path: str,
+    body: object | None = None,
+    timeout: float = 30.0,
+    auth: str | None = None,
+) -> Any:
+    """A request to the Prefect API as Prefect's own client makes it: basic auth with
+    ``auth`` ("user:password"; default: PREFECT_API_AUTH_STRING, if set); a POST (``body``)
+    carries a CSRF token, fetched once per server, for a server with CSRF protection on.
+    Returns the decoded JSON answer; raises urllib's errors."""
+    headers = {"Content-Type": "application/json"}
+    if auth := auth or os.environ.get(PREFECT_AUTH_ENV):
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    data = None if body is None else json.dumps(body).encode()
+    for attempt in (1, 2):
+        csrf = {} if body is None else _csrf_headers(api_url, headers, timeout)
+        request = urllib.request.Request(f"{api_url}{path}", data=data, headers=headers | csrf)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.load(response)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 403 or not csrf or attempt == 2:
+                raise
+            _csrf_tokens.pop(api_url, None)  # expired (after an hour): fetch a new one
+
+
+def _csrf_headers(api_url: str, headers: dict[str, str], timeout: float) -> dict[str, str]:
+    if api_url not in _csrf_tokens:
+        client = str(uuid.uuid4())
+        request = urllib.request.Request(f"{api_url}/csrf-token?client={client}", headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                _csrf_tokens[api_url] = (client, json.load(response)["token"])
+        except urllib.error.HTTPError as exc:
+            if exc.code != 422:  # 422: CSRF protection is off there
+                raise
+            _csrf_tokens[api_url] = ("", "")
+    client, token = _csrf_tokens[api_url]
+    return {"Prefect-Csrf-Client": client, "Prefect-Csrf-Token": token} if token else {}
 
 
 def wait_for_task_runs(api_url: str, since: datetime, limit: float) -> None:
@@ -667,25 +765,17 @@ def wait_for_task_runs(api_url: str, since: datetime, limit: float) -> None:
     reach the server as events, which its task-run recorder writes one by one: once every
     task run it holds is final, it has written the last events it was sent. Returns at once
     when the server does not answer."""
-    body = json.dumps(
-        {
-            "flow_runs": {"start_time": {"after_": since.isoformat()}},
-            "task_runs": {"state": {"type": {"any_": list(UNFINISHED_STATES)}}},
-        }
-    ).encode()
+    body = {
+        "flow_runs": {"start_time": {"after_": since.isoformat()}},
+        "task_runs": {"state": {"type": {"any_": list(UNFINISHED_STATES)}}},
+    }
     deadline = time.monotonic() + limit
     while True:
-        request = urllib.request.Request(
-            f"{api_url}/task_runs/count",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
         try:
             timeout = max(deadline - time.monotonic(), 0.5)
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                if json.load(response) == 0:
-                    return
-        except (OSError, ValueError):  # it is gone, or answers no count: nothing to wait for
+            if prefect_request(api_url, "/task_runs/count", body, timeout=timeout) == 0:
+                return
+        except (OSError, ValueError, KeyError):  # it is gone, or answers no count
             return
         if time.monotonic() > deadline:
             return
@@ -732,7 +822,9 @@ class TemporaryPrefectServer:
             "--log-level", "error", "--lifespan", "on",
         ]  # fmt: skip
         env = {
-            **os.environ,
+            **without_client_credentials(os.environ),
+            # No UI: no cross-origin request at all; CSRF protection on, as on every server.
+            **prefect_server_env(0, None),
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",

@@ -35,6 +35,7 @@ from aemnist.config import (
     run_overrides,
 )
 from aemnist.runtime import prepare_device, with_resolved_device
+from deployments.dask_tls import DaskTLS
 from tasks.aggregate import summarise_grid, summarise_sweep
 from tasks.caching import result_storage, submit_job
 from tasks.data import assign_folds, download
@@ -109,16 +110,23 @@ def prepare_study(
     return study
 
 
-def task_runner_for(study: plan.Study, kind: str, dask_address: str | None) -> TaskRunner:
+def task_runner_for(
+    study: plan.Study, kind: str, dask_address: str | None, dask_security: DaskTLS | None = None
+) -> TaskRunner:
     """The task runner sized from the resolved study: ``study.workers`` tasks side by side,
-    in threads, or on a Dask cluster (an existing one at ``dask_address``, else a local one
-    of single-threaded worker processes: each task sets its own torch threads)."""
+    in threads, or on a Dask cluster (an existing one at ``dask_address``, over mutual TLS
+    with ``dask_security``'s files or those of Dask's config, else a local one of
+    single-threaded worker processes: each task sets its own torch threads)."""
     if kind == "threads":
         return ThreadPoolTaskRunner(max_workers=study.workers)
     from prefect_dask import DaskTaskRunner
 
     if dask_address:
-        return DaskTaskRunner(address=dask_address)
+        if dask_security is None:  # Dask's client reads its config's TLS files itself
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(
+            address=dask_address, client_kwargs={"security": dask_security.security()}
+        )
     return DaskTaskRunner(
         cluster_kwargs={
             "n_workers": study.workers,
@@ -256,6 +264,7 @@ def study(
     repeats: Repeats | None = None,
     task_runner: RunnerKind = "threads",
     dask_address: str | None = None,
+    dask_security: DaskTLS | None = None,
 ) -> str:
     """Run the whole study; returns the path of the report.
 
@@ -264,7 +273,8 @@ def study(
     ``repeats`` (seeds of the sweep and the final model) override its fields. ``fresh``
     recomputes every stage; ``refresh`` names stages to recompute with every stage that
     follows from them. ``task_runner`` runs the tasks in threads or on Dask (at
-    ``dask_address``, else a local cluster), sized by the config's runtime section."""
+    ``dask_address``, with ``dask_security``'s TLS files for a tls:// scheduler, else a local
+    cluster), sized by the config's runtime section."""
     resolved = prepare_study(
         profile,
         workdir,
@@ -281,5 +291,5 @@ def study(
     )
     # The decorator's default runner runs nothing: every task goes to this one, sized from
     # the resolved config on every launch path.
-    with task_runner_for(resolved, task_runner, dask_address) as runner:
+    with task_runner_for(resolved, task_runner, dask_address, dask_security) as runner:
         return run_stages(resolved, runner)

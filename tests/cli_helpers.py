@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,3 +162,36 @@ def refused_port() -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
+
+
+def http_status(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None, body: bytes = b""
+) -> int:
+    """The HTTP status a server answers ``method`` on ``url`` with (an error status too)."""
+    request = urllib.request.Request(
+        url, data=body if method in ("POST", "PUT", "PATCH") else None, method=method,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+# A web page on another site, as a browser names it in a cross-origin request.
+FOREIGN_ORIGIN = "http://attacker.example"
+
+
+def preflight(url: str, method: str = "POST") -> int:
+    """The status of a browser's CORS preflight for a cross-origin ``method`` on ``url``."""
+    return http_status(
+        url,
+        "OPTIONS",
+        {"Origin": FOREIGN_ORIGIN, "Access-Control-Request-Method": method},
+    )

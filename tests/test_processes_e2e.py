@@ -11,17 +11,29 @@ while the command ran is checked as well, in case one left the session.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO_ROOT, cli_env, refused_port, run_cli, smoke_run
+from cli_helpers import (
+    FOREIGN_ORIGIN,
+    REPO_ROOT,
+    cli_env,
+    http_status,
+    preflight,
+    refused_port,
+    run_cli,
+    smoke_run,
+)
 
 from aemnist.faults import pause_marker
 from aemnist.workdir import LOCK_NAME, WorkdirLocked, lock_workdir, read_holder
@@ -320,16 +332,36 @@ def test_server_stopped_during_start_up_leaves_no_process(
     assert "Traceback" not in server.stderr()
 
 
-def test_server_stopped_by_sighup_while_serving_leaves_no_process(
+def test_server_on_loopback_without_auth_refuses_other_sites_and_a_sighup_stops_it_all(
     launch: Callable[..., Launched], tmp_path: Path
 ) -> None:
     # SIGHUP: a closed terminal, which once left both servers running. (A SIGTERM takes the
     # same way out; test_production_e2e's stack ends with one.) One server start costs a
-    # minute on a busy machine: one signal here.
+    # minute on a busy machine: one signal here, and the checks of a server without
+    # authentication (test_production_e2e's stack has it on) while it serves.
     sig = signal.SIGHUP
     server = launch(server_args(tmp_path / "w"), name="server")
     server.wait_for_text("Ctrl-C stops both servers", timeout=240)
     assert len(server.seen) >= 2  # both servers, and their workers
+    output = server.output()
+    assert "Access: no authentication (loopback only" in output
+    api = re.search(r"export PREFECT_API_URL=(\S+)", output).group(1)
+    mlflow = re.search(r"export MLFLOW_TRACKING_URI=(\S+)", output).group(1)
+    # Reads need no setup on loopback.
+    assert http_status(f"{api}/admin/version") == 200
+    # A web page of another site can neither read the API (no CORS preflight passes) nor
+    # write to it: a write needs a CSRF token, which only a page CORS lets read can fetch.
+    assert preflight(f"{api}/deployments/") == 400
+    assert http_status(f"{api}/work_pools/", "POST", {"Origin": FOREIGN_ORIGIN}, b"{}") == 403
+    assert http_status(f"{api}/flows/filter", "POST", body=b"{}") == 403  # no token: no write
+    # The Prefect UI calls the API of the server that served it, on any host and port.
+    ui = api.removesuffix("/api")
+    with urllib.request.urlopen(f"{ui}/ui-settings", timeout=30) as response:
+        assert json.load(response)["api_url"] == "/api"
+    # MLflow's server blocks another site's writes.
+    experiments = f"{mlflow}/api/2.0/mlflow/experiments/create"
+    body = json.dumps({"name": "from-elsewhere"}).encode()
+    assert http_status(experiments, "POST", {"Origin": FOREIGN_ORIGIN}, body) == 403
     server.send(sig)
     code, seconds = server.finish()
     left = server.left_after(2)

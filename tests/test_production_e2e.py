@@ -11,26 +11,31 @@ import re
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import (
+    FOREIGN_ORIGIN,
     REPO_ROOT,
     SMOKE,
     SMOKE_FINAL_MSE_BOUND,
     assert_registered_model_is_the_final_model,
+    basic_auth,
     cli_env,
     expected_task_runs,
     grid_names,
+    http_status,
     nested_runs,
+    preflight,
     refused_port,
     run_cli,
     smoke_run,
@@ -38,6 +43,8 @@ from cli_helpers import (
 from mlflow import MlflowClient
 
 from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
+from deployments.auth import CREDENTIALS_FILE, Credentials, read_credentials
+from deployments.servers import prefect_request
 
 # Screenshots of the MLflow UI test are kept here (git-ignored) for people to look at.
 ARTIFACTS = REPO_ROOT / "test-artifacts"
@@ -105,11 +112,19 @@ class Stack:
     workdir: Path  # the servers' work dir: MLflow store and Prefect database
     prefect_api: str
     mlflow_uri: str
-    env: dict[str, str]  # a user's shell after the exports `aemnist server` printed
+    env: dict[str, str]  # a user's shell after the exports and credentials `server` printed
+    credentials: Credentials
+    output: str  # what `aemnist server` printed
+
+    def api(self, path: str, body: object | None = None) -> Any:
+        """The Prefect API as Prefect's client calls it: with the credentials, and a CSRF
+        token on writes and filters."""
+        return prefect_request(
+            self.prefect_api, path, body, auth=self.credentials.prefect_auth_string
+        )
 
     def flow_run(self, flow_run_id: str) -> dict:
-        with urllib.request.urlopen(f"{self.prefect_api}/flow_runs/{flow_run_id}") as response:
-            return json.load(response)
+        return self.api(f"/flow_runs/{flow_run_id}")
 
     def wait_for_flow_run(self, flow_run_id: str, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
@@ -122,14 +137,8 @@ class Stack:
 
     def artifacts(self, flow_run_id: str) -> dict[str, dict]:
         """The Prefect artifacts of a flow run, by key (the latest of each)."""
-        body = json.dumps({"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}).encode()
-        request = urllib.request.Request(
-            f"{self.prefect_api}/artifacts/filter",
-            data=body,
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request) as response:
-            return {a["key"]: a for a in json.load(response) if a["key"]}
+        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        return {a["key"]: a for a in self.api("/artifacts/filter", body) if a["key"]}
 
     def prefect(self, *args: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -169,22 +178,16 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Iterator[Stack]:
+    """The stack as a team runs it: both servers asking every client for credentials."""
     root = tmp_path_factory.mktemp("stack")
     workdir = root / "server-work"
     env = cli_env(root / "client-home", {"AEMNIST_MNIST_MIRROR": str(mnist_mirror)})
     server = aemnist(
-        [
-            "server",
-            "--workdir",
-            str(workdir),
-            "--prefect-port",
-            "0",
-            "--mlflow-port",
-            "0",
-        ],
+        ["server", "--workdir", str(workdir), "--prefect-port", "0", "--mlflow-port", "0",
+         "--auth"],
         env,
         root / "server.log",
-    )
+    )  # fmt: skip
     ports: list[int] = []
     try:
         output = server.wait_for("Ctrl-C stops both servers", timeout=300)
@@ -196,8 +199,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Itera
         assert prefect_port and mlflow_port, output
         ports += [int(prefect_port.group(1)), int(mlflow_port.group(1))]
         assert all(port_open(port) for port in ports)
-        env = {**env, "PREFECT_API_URL": prefect_api, "MLFLOW_TRACKING_URI": mlflow_uri}
-        yield Stack(root, workdir, prefect_api, mlflow_uri, env)
+        # The shell line it printed loads the credentials, as a user's shell would.
+        credentials_file = workdir / "server" / CREDENTIALS_FILE
+        assert f"set -a; . {credentials_file}; set +a" in output
+        credentials = read_credentials(credentials_file)
+        env = {
+            **env,
+            "PREFECT_API_URL": prefect_api,
+            "MLFLOW_TRACKING_URI": mlflow_uri,
+            **credentials.client_env(),
+        }
+        # This process's MLflow client reads the server's runs with them too.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_USERNAME", credentials.mlflow_username)
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", credentials.mlflow_password)
+            yield Stack(root, workdir, prefect_api, mlflow_uri, env, credentials, output)
     finally:
         code = server.stop()
     # Stopped at the end: a plain SIGTERM stops both servers and frees both ports.
@@ -258,6 +274,59 @@ def parents_of(client: MlflowClient, flow_run_id: str) -> list:
     return [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
 
 
+def test_servers_with_auth_refuse_requests_without_credentials_and_from_other_sites(
+    stack: Stack,
+) -> None:
+    credentials = stack.credentials
+    prefect_user, _, prefect_password = credentials.prefect_auth_string.partition(":")
+    prefect_ok = basic_auth(prefect_user, prefect_password)
+    mlflow_ok = basic_auth(credentials.mlflow_username, credentials.mlflow_password)
+    version = f"{stack.prefect_api}/admin/version"
+    assert http_status(version) == 401
+    assert http_status(version, headers=basic_auth(prefect_user, "guess")) == 401
+    assert http_status(version, headers=prefect_ok) == 200
+    assert http_status(f"{stack.prefect_api}/health") == 200  # for monitors, as Prefect has it
+    experiments = f"{stack.mlflow_uri}/api/2.0/mlflow/experiments/search?max_results=5"
+    assert http_status(experiments) == 401
+    assert http_status(experiments, headers=basic_auth("admin", "guess")) == 401
+    assert http_status(experiments, headers=mlflow_ok) == 200
+    assert http_status(f"{stack.mlflow_uri}/health") == 200
+
+    # Another site's page, even in a browser that holds the credentials, is refused: its
+    # CORS preflight fails, and a write without the CSRF token only a permitted page can
+    # read is forbidden; MLflow blocks other sites' writes outright.
+    assert preflight(f"{stack.prefect_api}/deployments/") == 400
+    foreign = {"Origin": FOREIGN_ORIGIN}
+    pools = f"{stack.prefect_api}/work_pools/"
+    assert http_status(pools, "POST", prefect_ok | foreign, b'{"name": "theirs"}') == 403
+    create = f"{stack.mlflow_uri}/api/2.0/mlflow/experiments/create"
+    body = json.dumps({"name": "from-elsewhere"}).encode()
+    assert http_status(create, "POST", mlflow_ok | foreign, body) == 403
+
+    # The credentials are the owner's alone, and the server never showed them.
+    credentials_file = stack.workdir / "server" / CREDENTIALS_FILE
+    assert stat.S_IMODE(credentials_file.stat().st_mode) == 0o600
+    assert prefect_password not in stack.output
+    assert credentials.mlflow_password not in stack.output
+
+
+def test_clients_without_the_credentials_are_told_where_to_find_them(stack: Stack) -> None:
+    home = stack.root / "client-home"
+    no_prefect = {**stack.env, "PREFECT_API_AUTH_STRING": ""}
+    worker = run_cli(["worker"], home=home, env=no_prefect)
+    assert worker.returncode == 2
+    assert "asks for credentials and PREFECT_API_AUTH_STRING is not set" in worker.stderr
+    assert "credentials.env" in worker.stderr and "Traceback" not in worker.stderr
+
+    wrong_mlflow = {**stack.env, "MLFLOW_TRACKING_PASSWORD": "guess"}
+    deploy = run_cli(["deploy"], home=home, env=wrong_mlflow)
+    assert deploy.returncode == 2
+    assert "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD were refused" in deploy.stderr, (
+        deploy.stderr
+    )
+    assert "guess" not in deploy.stderr
+
+
 def test_deploy_creates_the_pool_and_a_deployment_per_profile(deployed: list[str]) -> None:
     assert deployed == ["study/paper", "study/quick", "study/smoke"]
 
@@ -266,8 +335,7 @@ def test_deployments_record_their_pull_step_run_environment_and_one_run_at_a_tim
     stack: Stack, deployed: list[str], mnist_mirror: Path
 ) -> None:
     for name in deployed:
-        with urllib.request.urlopen(f"{stack.prefect_api}/deployments/name/{name}") as response:
-            deployment = json.load(response)
+        deployment = stack.api(f"/deployments/name/{name}")
         # An explicit pull step to the checkout `aemnist deploy` ran from, the mirror and the
         # tracking server of the deploying shell, one flow run at a time, the next queued.
         assert deployment["pull_steps"] == [
@@ -384,6 +452,28 @@ def test_deployment_run_shows_tables_1_and_2_and_the_report_in_prefect(
     assert sorted(row["size"] for row in rows_2) == sorted(SMOKE.sweep.sizes)
 
 
+def test_credentials_reach_no_log_flow_parameter_or_mlflow_run(
+    stack: Stack, deployed_smoke: DeployedRun
+) -> None:
+    # The workers ran the deployment with the credentials in their environment.
+    secrets = [
+        stack.credentials.prefect_auth_string.partition(":")[2],
+        stack.credentials.mlflow_password,
+    ]
+    logs = sorted(stack.root.glob("*.log")) + sorted((stack.workdir / "server").glob("*.log"))
+    assert len(logs) >= 4  # the stack's, its two servers' and the workers'
+    for log in logs:
+        text = log.read_text(errors="replace")
+        assert not any(secret in text for secret in secrets), log
+    flow_run = stack.flow_run(deployed_smoke.flow_run_id)
+    assert not any(secret in json.dumps(flow_run) for secret in secrets)
+    client = MlflowClient(stack.mlflow_uri)
+    for parent in parents_of(client, deployed_smoke.flow_run_id):
+        for run in [parent, *nested_runs(client, parent.info.run_id).values()]:
+            recorded = json.dumps([run.data.params, run.data.tags])
+            assert not any(secret in recorded for secret in secrets), run.info.run_name
+
+
 def test_failed_deployment_run_retried_from_the_cli_reuses_completed_tasks(
     stack: Stack, deployed_smoke: DeployedRun
 ) -> None:
@@ -428,7 +518,14 @@ def test_mlflow_ui_shows_the_study_a_fold_and_its_metric_charts(
             ],
         )
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            # The browser answers the server's basic-auth challenge as a user's would.
+            page = browser.new_page(
+                viewport={"width": 1400, "height": 900},
+                http_credentials={
+                    "username": stack.credentials.mlflow_username,
+                    "password": stack.credentials.mlflow_password,
+                },
+            )
             page.goto(f"{base}/runs", wait_until="domcontentloaded")
             study_link = page.get_by_role("link", name="study-smoke").first
             expect(study_link).to_be_visible(timeout=60_000)
@@ -468,66 +565,131 @@ def test_mlflow_ui_shows_the_study_a_fold_and_its_metric_charts(
     assert (ARTIFACTS / "mlflow-ui-metric-charts.png").stat().st_size > 10_000
 
 
+@dataclass
+class TlsFiles:
+    ca: Path  # the certificate authority's certificate
+    cert: Path  # a certificate it signed (the scheduler's, the workers' and the client's)
+    key: Path
+
+    def option(self) -> str:
+        return f"ca={self.ca},cert={self.cert},key={self.key}"
+
+    def dask_args(self) -> list[str]:
+        return ["--tls-ca-file", str(self.ca), "--tls-cert", str(self.cert),
+                "--tls-key", str(self.key)]  # fmt: skip
+
+
+def make_tls_files(folder: Path, name: str = "aemnist-test") -> TlsFiles:
+    """A certificate authority of its own and one certificate it signed, in PEM, as an
+    operator makes them for a cluster (`openssl` would do the same)."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def certificate(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str,
+                    signer: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:  # fmt: skip
+        now = datetime.now(UTC)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - timedelta(minutes=5))
+            .not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .sign(signer, hashes.SHA256())
+        )
+
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    files = TlsFiles(folder / "ca.pem", folder / "cert.pem", folder / "key.pem")
+    pem = serialization.Encoding.PEM
+    files.ca.write_bytes(certificate(f"{name} CA", ca_key, f"{name} CA", ca_key, True)
+                         .public_bytes(pem))  # fmt: skip
+    files.cert.write_bytes(certificate(name, key, f"{name} CA", ca_key, False).public_bytes(pem))
+    files.key.write_bytes(
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    files.key.chmod(0o600)
+    return files
+
+
+@dataclass
+class DaskCluster:
+    address: str  # tls://127.0.0.1:PORT
+    workers: set[str]
+    tls: TlsFiles
+
+
 @pytest.fixture(scope="module")
-def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, set[str]]]:
-    """A real Dask cluster from its own command line: a scheduler and two 1-thread worker
-    processes, all on loopback."""
+def dask_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaskCluster]:
+    """A real Dask cluster from its own command line, as the README's recipe starts one: a
+    scheduler and two 1-thread worker processes speaking mutual TLS, on loopback."""
     root = tmp_path_factory.mktemp("dask")
+    tls = make_tls_files(root / "tls")
     env = cli_env(root / "home")
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
     scheduler = Background(
-        [*dask, "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0"],
+        [*dask, "--protocol", "tls", *tls.dask_args(), "--host", "127.0.0.1", "--port", "0",
+         "--dashboard-address", ":0"],
         env,
         root / "scheduler.log",
-    )
+    )  # fmt: skip
     workers = None
     try:
         # Port 0: the scheduler binds a free port; the line after its address is the
         # dashboard's, so the address line is whole.
         output = scheduler.wait_for("dashboard at", timeout=120)
-        address = re.search(r"Scheduler at:\s+(tcp://127\.0\.0\.1:\d+)\n", output).group(1)
+        address = re.search(r"Scheduler at:\s+(tls://127\.0\.0\.1:\d+)\n", output).group(1)
         workers = Background(
-            [
-                sys.executable,
-                "-m",
-                "distributed.cli.dask_worker",
-                address,
-                "--nworkers",
-                "2",
-                "--nthreads",
-                "1",
-                "--host",
-                "127.0.0.1",
-                "--no-dashboard",
-            ],
+            [sys.executable, "-m", "distributed.cli.dask_worker", address, *tls.dask_args(),
+             "--nworkers", "2", "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard"],
             env,
             root / "workers.log",
-        )
+        )  # fmt: skip
         from distributed import Client
+        from distributed.security import Security
 
-        with Client(address, timeout=120) as client:
+        security = Security(
+            tls_ca_file=str(tls.ca),
+            tls_client_cert=str(tls.cert),
+            tls_client_key=str(tls.key),
+            require_encryption=True,
+        )
+        with Client(address, security=security, timeout=120) as client:
             client.wait_for_workers(2, timeout=120)
             addresses = set(client.scheduler_info()["workers"])
-        yield address, addresses
+        yield DaskCluster(address, addresses, tls)
     finally:
         if workers is not None:
             workers.stop()
         scheduler.stop()
 
 
-def test_dask_task_runner_runs_the_folds_on_the_cluster_workers(
-    tmp_path: Path, mnist_mirror: Path, stack: Stack, dask_cluster: tuple[str, set[str]]
+def test_dask_task_runner_runs_the_folds_on_the_cluster_workers_over_tls(
+    tmp_path: Path, mnist_mirror: Path, stack: Stack, dask_cluster: DaskCluster
 ) -> None:
-    # As on a real cluster, the Dask workers report to the Prefect server (PREFECT_API_URL);
-    # the run logs to the embedded store of its work dir, which every worker can reach.
-    address, workers = dask_cluster
+    # As on a real cluster, the Dask workers report to the Prefect server (PREFECT_API_URL,
+    # with its credentials); the run logs to the embedded store of its work dir, which every
+    # worker can reach.
+    workers = dask_cluster.workers
     assert len(workers) == 2
     workdir = tmp_path / "work"
+    prefect_only = {
+        "PREFECT_API_URL": stack.prefect_api,
+        "PREFECT_API_AUTH_STRING": stack.credentials.prefect_auth_string,
+    }
     result = run_cli(
-        smoke_run(workdir, mnist_mirror, "--task-runner", "dask", "--dask-address", address),
+        smoke_run(workdir, mnist_mirror, "--task-runner", "dask", "--dask-address",
+                  dask_cluster.address, "--dask-security", dask_cluster.tls.option()),
         home=tmp_path / "home",
-        env={"PREFECT_API_URL": stack.prefect_api},
-    )
+        env=prefect_only,
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     client = MlflowClient(embedded_tracking_uri(workdir))
@@ -544,6 +706,32 @@ def test_dask_task_runner_runs_the_folds_on_the_cluster_workers(
     assert all(runs[name].data.tags["aemnist.pid"] != flow_pid for name in grid_names())
     assert parent.info.status == "FINISHED"
     assert (workdir / "report.md").exists()
+
+
+def test_a_tls_scheduler_without_the_right_certificates_is_refused_before_any_work(
+    tmp_path: Path, dask_cluster: DaskCluster
+) -> None:
+    stranger = make_tls_files(tmp_path / "other", name="someone-else")
+    address = dask_cluster.address
+    run = ["run", "--profile", "smoke", "--workdir", str(tmp_path / "w"), "--task-runner",
+           "dask", "--dask-address", address]  # fmt: skip
+    cases = {
+        "no certificate": ([], "speaks TLS and no client certificate is configured"),
+        "another CA": (
+            ["--dask-security", stranger.option()],
+            f"the TLS handshake with the Dask scheduler {address} failed",
+        ),
+        "plain tcp": (
+            ["--dask-address", "tcp://192.0.2.1:8786"],
+            "refusing the unencrypted Dask scheduler tcp://192.0.2.1:8786",
+        ),
+    }
+    for case, (extra, message) in cases.items():
+        result = run_cli([*run, *extra], home=tmp_path / "home")
+        assert result.returncode == 2, case
+        assert message in result.stderr, (case, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, (case, result.stderr)
+    assert not (tmp_path / "w").exists()
 
 
 def test_worker_without_its_pool_or_tracking_server_says_so_before_starting(
@@ -569,6 +757,13 @@ def test_server_commands_name_the_missing_server_the_busy_port_and_the_timeout(
     tmp_path: Path,
 ) -> None:
     home = tmp_path / "home"
+    # Other machines reach a server only with authentication on.
+    for command, what in (("server", "Prefect and MLflow servers"), ("ui", "MLflow UI")):
+        public = run_cli([command, "--workdir", str(tmp_path / "w"), "--host", "0.0.0.0"], home)
+        assert public.returncode == 2, public.stderr
+        assert f"refusing to serve the {what} on 0.0.0.0 without authentication" in (public.stderr)
+        assert "add --auth" in public.stderr
+    assert not (tmp_path / "w").exists()
     for command in (["deploy"], ["worker"]):
         unset = run_cli(command, home=home)
         assert unset.returncode == 2

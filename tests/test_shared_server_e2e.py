@@ -13,12 +13,12 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cli_helpers import REPO_ROOT, cli_env, nested_runs, run_cli, smoke_parents, smoke_run
@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 from test_production_e2e import Background, aemnist
 
 from aemnist.tracking import embedded_tracking_uri
+from deployments.servers import prefect_request
 
 # Fewer training tasks than the smoke profile's nine, one slot: 3 folds, 2 sizes, 1 final.
 ONE_SLOT = "[runtime]\nworkers = 1\n[grid]\nlearning_rates = [0.01]\n"
@@ -41,19 +42,12 @@ class Server:
     mlflow_uri: str
     process: Background
 
-    def get(self, path: str) -> dict | list:
-        with urllib.request.urlopen(f"{self.prefect_api}{path}", timeout=30) as response:
-            return json.load(response)
+    def get(self, path: str) -> Any:
+        return prefect_request(self.prefect_api, path)
 
-    def post(self, path: str, body: dict) -> dict | list | None:
-        request = urllib.request.Request(
-            f"{self.prefect_api}{path}",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=30) as response:
-            text = response.read()
-        return json.loads(text) if text else None
+    def post(self, path: str, body: dict) -> Any:
+        """A POST as Prefect's client sends it (with a CSRF token)."""
+        return prefect_request(self.prefect_api, path, body)
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +204,11 @@ def holding_every_slot(server: Server) -> Iterator[None]:
         assert server.get(f"/v2/concurrency_limits/{SLOTS}")["active_slots"] == 1
         yield
     finally:
-        server.post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease["lease_id"]})
+        # It answers 204, no body: nothing for the JSON decoder.
+        with suppress(ValueError):
+            server.post(
+                "/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease["lease_id"]}
+            )
 
 
 def test_a_cached_rerun_takes_no_training_slot_and_after_the_server_stops_its_database_keeps_both(

@@ -32,7 +32,16 @@ def add_host(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--host",
         default=LOOPBACK,
-        help=f"address {what} (default: {LOOPBACK}; 0.0.0.0 for clients on other machines)",
+        help=f"address {what} (default: {LOOPBACK}; 0.0.0.0 --auth for clients on other machines)",
+    )
+
+
+def add_auth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--auth",
+        action="store_true",
+        help="require credentials of every client, generated once into "
+        "WORKDIR/server/credentials.env (mode 0600); needed to bind anything but loopback",
     )
 
 

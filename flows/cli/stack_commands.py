@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from deployments.discovery import PREFECT_PORT
 from deployments.stack import JOB_ENV, PROJECT_ROOT, ROOT_ENV, WORK_POOL, StackError
-from flows.cli.options import add_host, add_port, add_workdir
+from flows.cli.options import add_auth, add_host, add_port, add_workdir
 
 if TYPE_CHECKING:
     from flows.cli.options import Commands
@@ -36,6 +36,7 @@ def add_ui(commands: Commands) -> None:
     add_workdir(ui)
     add_port(ui, "--port", 5000)
     add_host(ui, "to bind")
+    add_auth(ui)
     ui.set_defaults(handler=_ui)
 
 
@@ -58,6 +59,7 @@ def add_server(commands: Commands) -> None:
         default=180.0,
         help="seconds to wait for both servers to answer (default: 180)",
     )
+    add_auth(server)
     server.set_defaults(handler=_server)
 
 
@@ -88,6 +90,7 @@ def add_worker(commands: Commands) -> None:
 
 def _server(args: argparse.Namespace) -> int:
     from aemnist.data import ensure_writable
+    from deployments.auth import load_or_create_credentials, require_auth_off_loopback
     from deployments.discovery import Endpoints, write_endpoints
     from deployments.servers import (
         check_port_free,
@@ -100,10 +103,14 @@ def _server(args: argparse.Namespace) -> int:
         wait_until_ready,
     )
 
+    require_auth_off_loopback(args.host, args.auth, "Prefect and MLflow servers")
     workdir = args.workdir.resolve()
     ensure_writable(workdir)
     state = workdir / "server"
-    state.mkdir(exist_ok=True)
+    state.mkdir(mode=0o700, exist_ok=True)
+    credentials, credentials_file, created = (
+        load_or_create_credentials(state) if args.auth else (None, None, False)
+    )
     check_port_free(args.host, args.prefect_port, "Prefect server", "--prefect-port")
     check_port_free(args.host, args.mlflow_port, "MLflow server", "--mlflow-port")
     # Before the first server: Ctrl-C, a plain `kill` or a closed terminal (SIGINT, SIGTERM,
@@ -113,22 +120,33 @@ def _server(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     serving = False
     try:
-        prefect = start_prefect_server(state, args.host, args.prefect_port, env)
-        mlflow = start_mlflow_server(workdir, state, args.host, args.mlflow_port, env)
+        prefect = start_prefect_server(state, args.host, args.prefect_port, env, credentials)
+        mlflow = start_mlflow_server(workdir, state, args.host, args.mlflow_port, env, credentials)
         services = [prefect, mlflow]
         wait_until_ready(services, args.timeout)
+        # `aemnist run --workdir` on this work dir finds these servers and runs on them.
+        write_endpoints(workdir, Endpoints(f"{prefect.url}/api", mlflow.url, os.getpid()))
+        if credentials_file is None:
+            access = "no authentication (loopback only; --auth to require it)"
+            load = ""
+        else:
+            access = (
+                f"authentication required; credentials {'written to' if created else 'from'} "
+                f"{credentials_file} (yours alone)"
+            )
+            load = f"  set -a; . {credentials_file}; set +a\n"
         print(
             f"Prefect server: {prefect.url}  (UI; API at {prefect.url}/api)\n"
             f"MLflow server:  {mlflow.url}  (UI and tracking; store: {workdir})\n"
+            f"Access: {access}\n"
             f"In each shell that deploys, starts a worker or runs the study:\n"
             f"  export PREFECT_API_URL={prefect.url}/api\n"
             f"  export MLFLOW_TRACKING_URI={mlflow.url}\n"
+            f"{load}"
             f"Logs: {state}/*.log. Ctrl-C stops both servers.",
             flush=True,
         )
         serving = True
-        # `aemnist run --workdir` on this work dir finds these servers and runs on them.
-        write_endpoints(workdir, Endpoints(f"{prefect.url}/api", mlflow.url, os.getpid()))
         while all(service.alive() for service in services):
             time.sleep(1.0)
         dead = next(service for service in services if not service.alive())
@@ -218,6 +236,12 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     from aemnist.tracking import TrackingError, embedded_tracking_uri
+    from deployments.auth import (
+        load_or_create_credentials,
+        mlflow_auth,
+        require_auth_off_loopback,
+        without_client_credentials,
+    )
     from deployments.servers import (
         check_port_free,
         handle_stop_signals,
@@ -228,6 +252,7 @@ def _ui(args: argparse.Namespace) -> int:
         wait_until_answers,
     )
 
+    require_auth_off_loopback(args.host, args.auth, "MLflow UI")
     workdir = args.workdir.resolve()
     if not (workdir / "mlflow.db").exists():
         raise TrackingError(
@@ -254,11 +279,20 @@ def _ui(args: argparse.Namespace) -> int:
         "--workers",
         "1",
     ]
+    env = without_client_credentials(os.environ)
+    access = ""
+    if args.auth:
+        state = workdir / "server"
+        credentials, credentials_file, _ = load_or_create_credentials(state)
+        auth_args, auth_env = mlflow_auth(state, credentials)
+        command += auth_args
+        env |= auth_env
+        access = f"; user {credentials.mlflow_username}, password in {credentials_file}"
     handle_stop_signals(UI_GRACE)  # before the server: Ctrl-C, kill or SIGHUP stop it
     serving = False
     try:
         # Its output is ours; its process group its own, stopped whole when we stop.
-        service = launch_server("MLflow UI", command, os.environ, args.host, args.port, "/health")
+        service = launch_server("MLflow UI", command, env, args.host, args.port, "/health")
         at = f"{args.host}:{args.port}" if args.port else f"{args.host} (a free port)"
         if not wait_until_answers(service, time.monotonic() + UI_TIMEOUT, interval=0.2):
             code = service.process.returncode
@@ -272,7 +306,8 @@ def _ui(args: argparse.Namespace) -> int:
             )
         # Announced once it answers: on port 0 the port it bound is known only then.
         print(
-            f"MLflow UI on http://{args.host}:{service.port} (store: {workdir}); Ctrl-C stops it.",
+            f"MLflow UI on http://{args.host}:{service.port} (store: {workdir}{access}); "
+            f"Ctrl-C stops it.",
             flush=True,
         )
         serving = True

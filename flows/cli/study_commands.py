@@ -9,12 +9,10 @@ import contextlib
 import importlib.util
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlparse
 
 # Only light modules here: `aemnist run` starts its temporary Prefect server before it
 # imports torch, MLflow, pandas and Prefect, so that the server's start-up overlaps theirs.
@@ -29,10 +27,17 @@ from aemnist.config import (
 from aemnist.layout import Layout
 from aemnist.plan import STAGES
 from aemnist.workdir import WorkdirLock, WorkdirLocked, lock_workdir
+from deployments.dask_tls import (
+    DaskTLS,
+    check_dask_scheduler,
+    parse_dask_security,
+    tls_from_dask_config,
+)
 from deployments.discovery import PREFECT_PORT, find_servers, prefect_database, server_dir
 from deployments.servers import (
     DATABASE_ENVS,
     TemporaryPrefectServer,
+    check_prefect_credentials,
     handle_stop_signals,
     stop_exit_code,
     stop_signal,
@@ -87,9 +92,16 @@ def add_run(commands: Commands) -> None:
     )
     run.add_argument(
         "--dask-address",
-        metavar="tcp://HOST:PORT",
-        help="the scheduler of an existing Dask cluster (with --task-runner dask); without "
-        "it a local cluster of one 1-thread worker process per task slot is started",
+        metavar="tls://HOST:PORT",
+        help="the scheduler of an existing Dask cluster (with --task-runner dask): tls:// "
+        "(plain tcp:// only on 127.0.0.1); without it a local cluster of one 1-thread worker "
+        "process per task slot is started",
+    )
+    run.add_argument(
+        "--dask-security",
+        metavar="ca=FILE,cert=FILE,key=FILE",
+        help="for a tls:// scheduler: the cluster's CA certificate and this client's "
+        "certificate and key (PEM); default: Dask's config (distributed.comm.tls.*)",
     )
     run.set_defaults(handler=_run)
 
@@ -150,8 +162,13 @@ def _run(args: argparse.Namespace) -> int:
         raise StackError(
             "--task-runner dask needs Dask and prefect-dask: pip install 'aemnist[dask]'"
         )
+    if args.dask_security and not args.dask_address:
+        raise StackError("--dask-security needs --dask-address (a tls:// scheduler)")
+    dask_security = parse_dask_security(args.dask_security) if args.dask_security else None
     if args.task_runner == "dask" and args.dask_address:
-        _check_dask_scheduler(args.dask_address)
+        if dask_security is None and args.dask_address.startswith("tls://"):
+            dask_security = tls_from_dask_config()
+        check_dask_scheduler(args.dask_address, dask_security, os.environ.get(PREFECT_API_ENV))
     started = time.monotonic()
     # Before the first child: a SIGINT, SIGTERM or SIGHUP from here on stops the run and every
     # process it started, its temporary Prefect server included.
@@ -163,12 +180,15 @@ def _run(args: argparse.Namespace) -> int:
         if workdir.is_dir():
             with contextlib.suppress(OSError):  # not writable: `_run_study` says so
                 _lock_workdir(workdir)
+        configured = os.environ.get(PREFECT_API_ENV)
         api = None
-        if not os.environ.get(PREFECT_API_ENV) and not _use_workdir_servers(workdir):
+        if configured:
+            check_prefect_credentials(configured.rstrip("/"))
+        elif not _use_workdir_servers(workdir):
             # The server starts first: its seconds of start-up overlap the imports and checks
             # below.
             api = _temporary_server(config, args.workdir)
-        return _run_study(args, config, api, started)
+        return _run_study(args, config, api, started, dask_security)
     except WorkdirLocked as exc:
         print(f"aemnist: error: {exc}", file=sys.stderr)
         return 2
@@ -188,6 +208,7 @@ def _use_workdir_servers(workdir: Path) -> bool:
     if servers is None:
         return False
     os.environ[PREFECT_API_ENV] = servers.prefect_api_url
+    check_prefect_credentials(servers.prefect_api_url)
     print(
         f"Running on the Prefect server of `aemnist server` in {workdir} (process "
         f"{servers.pid}): {servers.prefect_api_url}",
@@ -218,6 +239,7 @@ def _run_study(
     config: StudyConfig,
     api: TemporaryPrefectServer | None,
     started: float,
+    dask_security: DaskTLS | None,
 ) -> int:
     from aemnist.data import ensure_writable, flow_mirror_parameter
     from aemnist.plan import resolve_study
@@ -262,6 +284,7 @@ def _run_study(
             repeats=args.repeats,
             task_runner=args.task_runner,
             dask_address=args.dask_address,
+            dask_security=dask_security,
         )
     tracking = os.environ.get(TRACKING_ENV)
     print(f"\nStudy ({config.profile}) finished in {time.monotonic() - started:.0f} s.")
@@ -337,28 +360,6 @@ def _heartbeats_off() -> contextlib.AbstractContextManager[object]:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
-
-
-def _check_dask_scheduler(address: str) -> None:
-    """A scheduler that does not answer is named before any work starts; so is a remote
-    cluster whose workers could not reach this machine's temporary Prefect server."""
-    parsed = urlparse(address if "://" in address else f"tcp://{address}")
-    if not parsed.hostname or not parsed.port:
-        raise StackError(f"--dask-address {address!r} is not of the form tcp://HOST:PORT")
-    try:
-        socket.create_connection((parsed.hostname, parsed.port), timeout=5).close()
-    except OSError as exc:
-        raise StackError(
-            f"no Dask scheduler answers at {address} ({exc}): start one (`dask scheduler`, "
-            f"then `dask worker {address}` on each machine) or drop --dask-address to run on a "
-            f"local cluster"
-        ) from None
-    if parsed.hostname not in ("127.0.0.1", "localhost") and not os.environ.get(PREFECT_API_ENV):
-        raise StackError(
-            f"the Dask cluster at {address} runs tasks in processes that report to the Prefect "
-            f"API: set PREFECT_API_URL to a server they all reach (`aemnist server --host "
-            f"0.0.0.0` prints one), here and on every Dask worker"
-        )
 
 
 def _status(args: argparse.Namespace) -> int:
