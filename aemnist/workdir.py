@@ -11,6 +11,7 @@ Only the standard library: `aemnist run` takes the lock before it imports torch 
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import os
 import time
@@ -107,3 +108,20 @@ def sqlite_url(path: Path, driver: str = "sqlite") -> str:
     leave an empty folder of the escaped name beside the work dir."""
     text = str(path.resolve())
     return f"{driver}:///" + text.replace("%", "%25").replace("?", "%3F")
+
+
+# The work-dir locks this process holds, until it ends (the kernel then releases them): task
+# threads a signal cut short may still write to the work dir while the process winds down.
+_held: dict[Path, WorkdirLock] = {}
+
+
+def hold_workdir(workdir: Path) -> WorkdirLock:
+    """Hold the lock of ``workdir`` until this process ends, taking it unless this process
+    holds it already (the command line takes it before the flow that also asks runs, and a
+    deployment run's flow takes it itself); raises ``WorkdirLocked``."""
+    workdir = workdir.resolve()
+    if workdir not in _held:
+        lock = lock_workdir(workdir)
+        _held[workdir] = lock
+        atexit.register(lock.release)  # an orderly exit empties the file
+    return _held[workdir]

@@ -126,6 +126,17 @@ class Stack:
     def flow_run(self, flow_run_id: str) -> dict:
         return self.api(f"/flow_runs/{flow_run_id}")
 
+    def mlflow_page(self, browser: Any, height: int = 900) -> Any:
+        """A browser page that answers the MLflow server's basic-auth challenge, as a user
+        who typed the credentials in would."""
+        return browser.new_page(
+            viewport={"width": 1400, "height": height},
+            http_credentials={
+                "username": self.credentials.mlflow_username,
+                "password": self.credentials.mlflow_password,
+            },
+        )
+
     def wait_for_flow_run(self, flow_run_id: str, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -493,18 +504,11 @@ def test_failed_deployment_run_retried_from_the_cli_reuses_completed_tasks(
     )
 
 
-def test_mlflow_ui_shows_the_study_a_fold_and_its_metric_charts(
-    stack: Stack, deployed_smoke: DeployedRun
-) -> None:
-    from playwright.sync_api import expect, sync_playwright
-
-    client = MlflowClient(stack.mlflow_uri)
-    failed, parent = parents_of(client, deployed_smoke.flow_run_id)
-    experiment_id = parent.info.experiment_id
-    fold = nested_runs(client, failed.info.run_id)["grid lr=0.005 wd=1e-05 fold=2"]
-    sweep = nested_runs(client, parent.info.run_id)[f"sweep size={SMOKE.sweep.sizes[-1]}"]
-    ARTIFACTS.mkdir(exist_ok=True)
-    base = f"{stack.mlflow_uri}/#/experiments/{experiment_id}"
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """Debian's chromium, headless, driven by Playwright (its own browser download cannot
+    work offline)."""
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -518,50 +522,135 @@ def test_mlflow_ui_shows_the_study_a_fold_and_its_metric_charts(
             ],
         )
         try:
-            # The browser answers the server's basic-auth challenge as a user's would.
-            page = browser.new_page(
-                viewport={"width": 1400, "height": 900},
-                http_credentials={
-                    "username": stack.credentials.mlflow_username,
-                    "password": stack.credentials.mlflow_password,
-                },
-            )
-            page.goto(f"{base}/runs", wait_until="domcontentloaded")
-            study_link = page.get_by_role("link", name="study-smoke").first
-            expect(study_link).to_be_visible(timeout=60_000)
-            page.screenshot(path=ARTIFACTS / "mlflow-ui-experiment.png")
-
-            page.goto(f"{base}/runs/{fold.info.run_id}", wait_until="domcontentloaded")
-            expect(page.get_by_text("grid lr=0.005 wd=1e-05 fold=2").first).to_be_visible(
-                timeout=60_000
-            )
-            params = page.get_by_text(re.compile(r"^Parameters \(\d+\)$"))
-            expect(params).to_have_text(f"Parameters ({len(fold.data.params)})")
-            for name in ("weight_decay", "fold", "size", "epochs"):  # names no metric has
-                row = page.get_by_role("row").filter(
-                    has=page.get_by_role("cell", name=name, exact=True)
-                )
-                expect(row).to_contain_text(fold.data.params[name])
-            page.screenshot(path=ARTIFACTS / "mlflow-ui-fold-run.png")
-
-            # A run with several epochs, so that its charts draw lines, not single points.
-            page.goto(f"{base}/runs/{sweep.info.run_id}", wait_until="domcontentloaded")
-            heading = page.get_by_text(sweep.info.run_name, exact=True).first
-            expect(heading).to_be_visible(timeout=60_000)
-            page.get_by_role("tab", name="Model metrics").click()
-            for metric in ("train_loss", "test_loss"):
-                expect(page.get_by_text(metric, exact=True).first).to_be_visible(timeout=60_000)
-            lines = page.locator(".js-plotly-plot .scatterlayer .trace path.js-line")
-            expect(lines.first).to_be_attached(timeout=60_000)
-            # Drawn lines: a loss that fell over the epochs is a segment that is not flat.
-            points = [
-                [tuple(map(float, xy.split(","))) for xy in re.findall(r"[\d.]+,[\d.]+", d)]
-                for d in lines.evaluate_all("paths => paths.map(p => p.getAttribute('d'))")
-            ]
-            assert any(len({y for _, y in line}) > 1 for line in points), points
-            page.screenshot(path=ARTIFACTS / "mlflow-ui-metric-charts.png")
+            yield browser
         finally:
             browser.close()
+
+
+def test_prefect_ui_logs_in_and_shows_the_task_runs_of_a_finished_deployment_run(
+    stack: Stack, deployed_smoke: DeployedRun
+) -> None:
+    from playwright.sync_api import expect
+
+    ui = stack.prefect_api.removesuffix("/api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        # The UI talks to the API of the server that served it (on this port, not 4200), and
+        # asks for the auth string before it shows anything.
+        page.goto(f"{ui}/login")
+        expect(page.get_by_role("heading", name="Login")).to_be_visible(timeout=60_000)
+        page.get_by_placeholder("admin:pass").fill(stack.credentials.prefect_auth_string)
+        page.get_by_role("button", name="Login").click()
+        page.goto(f"{ui}/runs/flow-run/{deployed_smoke.flow_run_id}")
+        expect(page.get_by_text("Completed").first).to_be_visible(timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "prefect-ui-flow-run.png")
+        page.get_by_text("Task Runs", exact=True).click()
+        for name in sorted(grid_names()) + ["grid summary", "corruption", "embedding"]:
+            expect(page.get_by_text(name, exact=True).first).to_be_visible(timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "prefect-ui-task-runs.png", full_page=True)
+
+
+def test_mlflow_ui_compares_the_grid_runs_on_parallel_coordinates(
+    stack: Stack, deployed_smoke: DeployedRun
+) -> None:
+    from playwright.sync_api import expect
+
+    client = MlflowClient(stack.mlflow_uri)
+    runs = [
+        run
+        for parent in parents_of(client, deployed_smoke.flow_run_id)
+        for name, run in nested_runs(client, parent.info.run_id).items()
+        if name in grid_names() and run.info.status == "FINISHED"
+    ]
+    assert len(runs) == len(grid_names())
+    ids = json.dumps([run.info.run_id for run in runs])
+    experiments = json.dumps([runs[0].info.experiment_id])
+    ARTIFACTS.mkdir(exist_ok=True)
+    with chromium() as browser:
+        page = stack.mlflow_page(browser, height=1000)
+        page.goto(f"{stack.mlflow_uri}/#/compare-runs?runs={ids}&experiments={experiments}")
+        expect(page.get_by_text(f"Comparing {len(runs)} Runs")).to_be_visible(timeout=60_000)
+        expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)
+        # The plot's axes as a reader picks them: the grid's two parameters and the loss.
+        page.get_by_role("button", name="Clear All").click()
+        parameters, metrics = page.get_by_role("combobox").all()[:2]
+        parameters.click()
+        for name in ("lr", "weight_decay"):
+            parameters.fill(name)
+            page.keyboard.press("Enter")
+        metrics.click()
+        metrics.fill("val_loss")
+        page.keyboard.press("Enter")
+        page.keyboard.press("Escape")
+        titles = page.locator(".js-plotly-plot text.axis-title")
+        expect(titles).to_have_count(3, timeout=60_000)
+        assert titles.evaluate_all("ts => ts.map(t => t.textContent)") == [
+            "lr", "weight_decay", "val_loss"
+        ]  # fmt: skip
+        # Each axis spans its values over the runs (the plot shows them to 5 decimals).
+        extents = page.locator(".js-plotly-plot text.axis-extent-text").evaluate_all(
+            "ts => ts.map(t => t.textContent)"
+        )
+        spans = [
+            [float(run.data.params["lr"]) for run in runs],
+            [float(run.data.params["weight_decay"]) for run in runs],
+            [run.data.metrics["val_loss"] for run in runs],
+        ]
+        assert extents == [f"{f(span):.5f}" for span in spans for f in (max, min)]
+        page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+        page.screenshot(path=ARTIFACTS / "mlflow-ui-parallel-coordinates.png")
+
+
+def test_mlflow_ui_shows_the_study_a_fold_and_its_metric_charts(
+    stack: Stack, deployed_smoke: DeployedRun
+) -> None:
+    from playwright.sync_api import expect
+
+    client = MlflowClient(stack.mlflow_uri)
+    failed, parent = parents_of(client, deployed_smoke.flow_run_id)
+    experiment_id = parent.info.experiment_id
+    fold = nested_runs(client, failed.info.run_id)["grid lr=0.005 wd=1e-05 fold=2"]
+    sweep = nested_runs(client, parent.info.run_id)[f"sweep size={SMOKE.sweep.sizes[-1]}"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    base = f"{stack.mlflow_uri}/#/experiments/{experiment_id}"
+
+    with chromium() as browser:
+        page = stack.mlflow_page(browser)
+        page.goto(f"{base}/runs", wait_until="domcontentloaded")
+        study_link = page.get_by_role("link", name="study-smoke").first
+        expect(study_link).to_be_visible(timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "mlflow-ui-experiment.png")
+
+        page.goto(f"{base}/runs/{fold.info.run_id}", wait_until="domcontentloaded")
+        expect(page.get_by_text("grid lr=0.005 wd=1e-05 fold=2").first).to_be_visible(
+            timeout=60_000
+        )
+        params = page.get_by_text(re.compile(r"^Parameters \(\d+\)$"))
+        expect(params).to_have_text(f"Parameters ({len(fold.data.params)})")
+        for name in ("weight_decay", "fold", "size", "epochs"):  # names no metric has
+            row = page.get_by_role("row").filter(
+                has=page.get_by_role("cell", name=name, exact=True)
+            )
+            expect(row).to_contain_text(fold.data.params[name])
+        page.screenshot(path=ARTIFACTS / "mlflow-ui-fold-run.png")
+
+        # A run with several epochs, so that its charts draw lines, not single points.
+        page.goto(f"{base}/runs/{sweep.info.run_id}", wait_until="domcontentloaded")
+        heading = page.get_by_text(sweep.info.run_name, exact=True).first
+        expect(heading).to_be_visible(timeout=60_000)
+        page.get_by_role("tab", name="Model metrics").click()
+        for metric in ("train_loss", "test_loss"):
+            expect(page.get_by_text(metric, exact=True).first).to_be_visible(timeout=60_000)
+        lines = page.locator(".js-plotly-plot .scatterlayer .trace path.js-line")
+        expect(lines.first).to_be_attached(timeout=60_000)
+        # Drawn lines: a loss that fell over the epochs is a segment that is not flat.
+        points = [
+            [tuple(map(float, xy.split(","))) for xy in re.findall(r"[\d.]+,[\d.]+", d)]
+            for d in lines.evaluate_all("paths => paths.map(p => p.getAttribute('d'))")
+        ]
+        assert any(len({y for _, y in line}) > 1 for line in points), points
+        page.screenshot(path=ARTIFACTS / "mlflow-ui-metric-charts.png")
     assert (ARTIFACTS / "mlflow-ui-metric-charts.png").stat().st_size > 10_000
 
 
