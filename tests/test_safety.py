@@ -500,7 +500,10 @@ def test_smoke_run_keeps_mirror_credentials_out_of_every_record_and_shows_the_fa
         assert files_holding(tmp_path, secret.encode()) == []
     # ... where the redacted form is: the scan reads what it should.
     assert f"MNIST downloaded from {shown} and verified" in output
-    assert files_holding(home, shown.encode()), "the Prefect database holds no download log"
+    # (The temporary Prefect server's database is the work dir's: WORKDIR/server/prefect.db.)
+    assert files_holding(workdir / "server", shown.encode()), (
+        "the Prefect database holds no download log"
+    )
 
     client = MlflowClient(embedded_tracking_uri(workdir))
     experiment = client.get_experiment_by_name(EXPERIMENT)

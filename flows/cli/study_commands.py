@@ -228,10 +228,16 @@ def _temporary_server(config: StudyConfig, workdir: Path) -> TemporaryPrefectSer
 
         resolve_study(config, workdir)
     workdir = workdir.resolve()
-    with contextlib.suppress(OSError):  # not writable: `_run_study` says so
+    state = server_dir(workdir)
+    try:
         workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        server_dir(workdir).mkdir(mode=0o700, exist_ok=True)
-    return TemporaryPrefectServer(prefect_database(workdir))
+        state.mkdir(mode=0o700, exist_ok=True)
+        writable = os.access(state, os.W_OK)
+    except OSError:
+        writable = False
+    # Not writable: `_run_study` says so in one line; meanwhile the server keeps Prefect's
+    # default database rather than failing on this one with messages of its own.
+    return TemporaryPrefectServer(prefect_database(workdir) if writable else None)
 
 
 def _run_study(
