@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -24,6 +25,8 @@ from deployments.servers import answers
 ENDPOINTS = "endpoints.json"
 # The port `aemnist server` serves the Prefect UI and API on unless told otherwise.
 PREFECT_PORT = 4200
+# Seconds a live server's Prefect API has to answer before its file is taken for stale.
+ANSWER_WITHIN = 30.0
 
 
 def server_dir(workdir: Path) -> Path:
@@ -69,15 +72,19 @@ def remove_endpoints(workdir: Path, pid: int) -> None:
             path.unlink()
 
 
-def find_servers(workdir: Path) -> Endpoints | None:
+def find_servers(workdir: Path, patience: float = ANSWER_WITHIN) -> Endpoints | None:
     """The servers `aemnist server --workdir W` runs for ``workdir``, if it runs: its
-    discovery file is there, its process is alive and its Prefect API answers. None
-    otherwise (no file, a stale or malformed one)."""
+    discovery file is there, its process is alive and its Prefect API answers within
+    ``patience`` seconds (a busy machine's server can take seconds to answer a first
+    request). None otherwise (no file, a stale or malformed one)."""
     found = _read(server_dir(workdir) / ENDPOINTS)
     if found is None or not _alive(found.pid):
         return None
-    if not answers(f"{found.prefect_api_url}/health", timeout=5.0):
-        return None
+    deadline = time.monotonic() + patience
+    while not answers(f"{found.prefect_api_url}/health", timeout=10.0):
+        if time.monotonic() > deadline or not _alive(found.pid):
+            return None
+        time.sleep(0.5)
     return found
 
 

@@ -62,7 +62,7 @@ def test_a_file_left_by_a_server_that_is_gone_is_ignored(workdir: Path) -> None:
         assert find_servers(workdir) is None
         # Its process id now names a live process (reused), but no Prefect API answers.
         write_endpoints(workdir, Endpoints(api, "http://127.0.0.1:5000", os.getpid()))
-        assert find_servers(workdir) is None
+        assert find_servers(workdir, patience=1.0) is None
 
 
 @pytest.mark.parametrize(
