@@ -13,6 +13,7 @@ from typing import Any
 from prefect import Task, get_run_logger
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.futures import PrefectFuture
 from prefect.task_runners import TaskRunner
 from prefect.transactions import get_transaction
@@ -126,5 +127,13 @@ def result_storage(layout: Layout) -> CacheStore:
         )
     storage = CacheStore(basepath=str(layout.cache_dir))
     digest = hashlib.sha256(str(layout.root).encode()).hexdigest()[:16]
-    storage.save(f"aemnist-cache-{digest}", overwrite=True)
+    for attempt in range(3):
+        try:
+            storage.save(f"aemnist-cache-{digest}", overwrite=True)
+            break
+        except ObjectAlreadyExists:
+            # Studies starting together on one server race to register the block's type and
+            # schema, which Prefect reads, then creates: the loser reads them on its next try.
+            if attempt == 2:
+                raise
     return storage
