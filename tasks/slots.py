@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import task_run
 
 
@@ -37,7 +38,11 @@ def set_training_slots(device: str, slots: int) -> str:
     one's to that (the last study to start sets it); returns its name."""
     name = slots_name(device)
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, slots)
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, slots)
+        except ObjectAlreadyExists:
+            # Another study created it between Prefect's read and create: set it now.
+            client.upsert_global_concurrency_limit_by_name(name, slots)
     return name
 
 

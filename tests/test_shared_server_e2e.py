@@ -104,10 +104,16 @@ def two_studies(server: Server, mnist_mirror: Path) -> tuple[Study, Study]:
             text=True,
         )
     outputs = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=900)
-        assert process.returncode == 0, f"{name}:\n{stdout[-3000:]}\n{stderr[-3000:]}"
-        outputs[name] = stdout
+    try:
+        for name, process in processes.items():
+            stdout, stderr = process.communicate(timeout=900)
+            assert process.returncode == 0, f"{name}:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+            outputs[name] = stdout
+    finally:
+        for process in processes.values():  # one failed: the other is not left running
+            if process.poll() is None:
+                process.terminate()
+                process.communicate(timeout=60)
     return (
         Study(server.workdir, server.mlflow_uri, outputs["served"]),
         Study(own, embedded_tracking_uri(own), outputs["own"]),
