@@ -38,6 +38,36 @@ def grid_label(lr: float, weight_decay: float, fold: int) -> str:
 
 
 @dataclass(frozen=True)
+class TableUse:
+    """A stage table a task reads and the split it takes from it: logged as a dataset input
+    of the task's MLflow run (aemnist.tracking.TaskRun.log_inputs), by the table's SHA-256."""
+
+    table: TableRef
+    schema: str  # its schema's name in aemnist.schemas
+    context: str  # the split: "training", "test", "cross-validation fold 1", ...
+    limit: int = 0  # the rows read (the profile's data limit); 0: all
+
+    @property
+    def name(self) -> str:
+        """The dataset's name in MLflow: the table's file name less its suffix."""
+        return Path(self.table.path).stem
+
+
+def _split_uses(job: SizeJob) -> list[TableUse]:
+    """The tables a sweep or final task reads: the training images (less the held-out
+    validation images, when the sweep selects on them) and the test images, which a sweep
+    task scores on only when it selects on the test set."""
+    held_out = job.selection == "validation"
+    training = "training"
+    if held_out:
+        training += f" ({job.validation_images} held out for validation)"
+    uses = [TableUse(job.train, "mnist", training, job.train_limit)]
+    if job.stage == "final" or not held_out:
+        uses.append(TableUse(job.test, "mnist", "test", job.test_limit))
+    return uses
+
+
+@dataclass(frozen=True)
 class DownloadJob:
     layout: Layout
     mirror: str | None
@@ -104,6 +134,15 @@ class FoldJob:
         """What an AEMNIST_FAULT spec matches on (aemnist.faults)."""
         return {"lr": self.lr, "weight_decay": self.weight_decay, "fold": self.fold}
 
+    def inputs(self) -> list[TableUse]:
+        """The tables it reads: the training images, split by the fold assignment into the
+        folds it trains on and the fold it validates on (``fold``)."""
+        context = f"cross-validation fold {self.fold}"
+        return [
+            TableUse(self.train, "mnist", context, self.train_limit),
+            TableUse(self.folds, "folds", context),
+        ]
+
     def params(self) -> dict[str, Any]:
         """The MLflow parameters of its run."""
         return {
@@ -153,6 +192,9 @@ class SizeJob:
     @property
     def fault_key(self) -> dict[str, Any]:
         return {"size": self.size}
+
+    def inputs(self) -> list[TableUse]:
+        return _split_uses(self)
 
     def params(self) -> dict[str, Any]:
         return {

@@ -120,6 +120,11 @@ class Layout:
         return self.root / "report.md"
 
     @property
+    def report_run(self) -> Path:
+        """The MLflow run of the study that wrote the report (which the report names)."""
+        return self.root / "report_run.json"
+
+    @property
     def cache_dir(self) -> Path:
         """Prefect's persisted task results, keyed by aemnist.caching.stage_key."""
         return self.root / "cache"

@@ -278,7 +278,7 @@ def _report_files(job: ReportJob) -> list[Path]:
     # job exists, so that reading the declarations needs no pandas.
     from aemnist.report import report_figures
 
-    return [job.layout.report, *report_figures(job.layout)]
+    return [job.layout.report, job.layout.report_run, *report_figures(job.layout)]
 
 
 def _one(label: str) -> Callable[[StudyConfig], list[str]]:

@@ -3,8 +3,10 @@ ours (seed-report.txt). Reads only stored stage tables, so it can be rebuilt at 
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -32,6 +34,45 @@ from aemnist.schemas import TableError, atomic_write_bytes, read_frame
 from aemnist.summaries import score_column
 
 DASH = "—"
+# An MLflow run or experiment id as the report's run record may hold it.
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """The MLflow parent run of the study that wrote the report."""
+
+    run_id: str
+    experiment_id: str
+
+
+def save_study_run(layout: Layout, run: StudyRun) -> None:
+    """Record the run beside the report, so that `aemnist report` names it too."""
+    text = json.dumps({"run_id": run.run_id, "experiment_id": run.experiment_id}) + "\n"
+    atomic_write_bytes(layout.report_run, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _bad_run_record(path: Path, why: str) -> TableError:
+    return TableError(
+        f"{path} is not a record of the study's MLflow run ({why}); delete it and run "
+        f"`aemnist run --refresh report` to write it again"
+    )
+
+
+def read_study_run(layout: Layout) -> StudyRun | None:
+    """The run recorded beside the report; None where there is none (a work dir written
+    before reports named their run). A record that is not one raises TableError."""
+    path = layout.report_run
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        run = StudyRun(str(record["run_id"]), str(record["experiment_id"]))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise _bad_run_record(path, f"{type(exc).__name__}: {exc}") from exc
+    if not all(_ID.fullmatch(value) for value in (run.run_id, run.experiment_id)):
+        raise _bad_run_record(path, "an id holds characters no MLflow id has")
+    return run
 
 
 @dataclass(frozen=True)
@@ -211,7 +252,15 @@ def _our_grid_row(grid: pd.DataFrame, lr: float, weight_decay: float) -> pd.Seri
     return None
 
 
-def header_section(config: StudyConfig, today: date) -> str:
+def header_section(config: StudyConfig, today: date, run: StudyRun | None = None) -> str:
+    # The run's line follows the date: rebuilt reports are compared from there on
+    # (tests/test_study_e2e.py), and they must name the same run.
+    tracked = (
+        [f"- MLflow run: `{run.run_id}` (experiment {run.experiment_id}): its parameters, "
+         f"metrics, models and artifacts"]
+        if run
+        else []
+    )  # fmt: skip
     return "\n".join(
         [
             "# aemnist study report",
@@ -228,6 +277,7 @@ def header_section(config: StudyConfig, today: date) -> str:
                 f"set gives the final number only)"
             ),
             f"- date: {today.isoformat()}",
+            *tracked,
             "",
             "Every number below is read from the study's stored tables; the seed's figures "
             "come from the seed report (Tables 1 and 2, section 3). A dash (—) marks a row "
@@ -556,9 +606,15 @@ def seed_comparison(tables: StudyTables) -> dict[str, float]:
     return out
 
 
-def render_report(tables: StudyTables, config: StudyConfig, layout: Layout, today: date) -> str:
+def render_report(
+    tables: StudyTables,
+    config: StudyConfig,
+    layout: Layout,
+    today: date,
+    run: StudyRun | None = None,
+) -> str:
     sections = [
-        header_section(config, today),
+        header_section(config, today, run),
         targets_section(tables, config),
         table1_section(tables.grid, config),
         table2_section(tables.sweep, config, layout),
@@ -569,10 +625,19 @@ def render_report(tables: StudyTables, config: StudyConfig, layout: Layout, toda
     return "\n\n".join(sections) + "\n"
 
 
-def build_report(layout: Layout, config: StudyConfig, today: date | None = None) -> Path:
-    """Render the figures into ``layout.figures_dir`` and write ``layout.report`` atomically."""
+def build_report(
+    layout: Layout, config: StudyConfig, today: date | None = None, run: StudyRun | None = None
+) -> Path:
+    """Render the figures into ``layout.figures_dir`` and write ``layout.report`` atomically.
+
+    The report names ``run``, the MLflow run of the study writing it, and records it beside
+    itself (``layout.report_run``); without ``run`` (`aemnist report`), the recorded one."""
     tables = load_tables(layout, config.sweep.repeats)
+    if run is not None:
+        save_study_run(layout, run)
+    else:
+        run = read_study_run(layout)
     render_figures(tables, layout)
-    text = render_report(tables, config, layout, today or date.today())
+    text = render_report(tables, config, layout, today or date.today(), run)
     atomic_write_bytes(layout.report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return layout.report

@@ -8,18 +8,20 @@ in parallel threads or processes never log into each other's runs.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import socket
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow import MlflowClient
@@ -27,9 +29,34 @@ from mlflow.entities import Metric, Param, RunTag
 
 from aemnist.workdir import sqlite_url
 
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
+
+    from aemnist.jobs import TableUse
+
 EXPERIMENT = "aemnist"
 REGISTERED_MODEL = "aemnist-autoencoder"
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
+# MLflow 3's UI opens an experiment on its GenAI overview unless it takes it for a
+# machine-learning one: by this tag where the UI reads it (the kind its experiment settings
+# set), and in MLflow 3.17's UI, which takes the kind from its "GenAI | Model training"
+# toggle instead, by this query on every link to it (the toggle then follows the link).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+UI_QUERY = "?workflowType=machine_learning"
+# Kinds the UI infers and records by itself: replaced by ours; a kind a user chose is kept.
+_INFERRED_KINDS = {"", "no_inferred_type", "genai_development_inferred",
+                   "custom_model_development_inferred"}  # fmt: skip
+# The registered model's alias of the newest finished paper-profile version. (MLflow reserves
+# the alias "latest" and resolves ``models:/NAME@latest`` to the newest version itself.)
+CHAMPION = "champion"
+CHAMPION_PROFILE = "paper"
+# Where `aemnist ui` serves the embedded store by default (flows/cli/stack_commands.py).
+DEFAULT_UI_URL = "http://127.0.0.1:5000"
+# MLflow keeps at most 36 characters of a dataset's digest: the SHA-256's first 36 hex
+# digits (144 bits); the whole SHA-256 is in the dataset's profile.
+_DIGEST_CHARS = 36
 # A tracking server with authentication: MLflow's client sends these as basic auth.
 USERNAME_ENV = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_ENV = "MLFLOW_TRACKING_PASSWORD"
@@ -108,17 +135,24 @@ def _check_credentials(tracking_uri: str, timeout: float) -> None:
 
 
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """The experiment's id, created if need be, and marked as a machine-learning experiment
+    (the UI then opens it on its runs list), also when it was created before this mark."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:
-        # Another process created it between our lookup and our create.
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        try:
+            return client.create_experiment(
+                name,
+                artifact_location=artifact_location,
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+            )
+        except mlflow.exceptions.MlflowException:
+            # Another process created it between our lookup and our create.
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG, "") in _INFERRED_KINDS:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
 
 
 def _stringify(value: Any) -> str:
@@ -222,6 +256,44 @@ def finish_study(ctx: TrackingContext, status: str = "FINISHED") -> None:
     MlflowClient(ctx.tracking_uri).set_terminated(ctx.parent_run_id, status=status)
 
 
+def _public_url(url: str) -> str:
+    """``url`` without its user, password, query and fragment: fit for a log or a link."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+def ui_page(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The page of the experiment's runs (or of one run) in the MLflow UI of the store at
+    ``tracking_uri``: a tracking server's own UI, else the one `aemnist ui` serves by default.
+    It opens on runs, not on the GenAI overview; credentials in the URI stay out of it."""
+    base = DEFAULT_UI_URL
+    if tracking_uri.startswith(("http://", "https://")):
+        base = _public_url(tracking_uri)
+    path = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base}/{path}{UI_QUERY}"
+
+
+def parent_run_page(ctx: TrackingContext, workdir: Path) -> tuple[str, str]:
+    """The study's parent run in the MLflow UI: its URL, and a line saying how to open it.
+
+    On a tracking server, the server's own UI; on the work dir's embedded store, the UI that
+    `aemnist ui --workdir WORKDIR` serves (port 5000 unless told otherwise); on another store,
+    an MLflow UI serving it. Credentials in the tracking URI never reach the URL or the line."""
+    uri = ctx.tracking_uri
+    page = ui_page(uri, ctx.experiment_id, ctx.parent_run_id)
+    if uri.startswith(("http://", "https://")):
+        return page, f"The study's MLflow run on the tracking server {_public_url(uri)}."
+    if uri == embedded_tracking_uri(workdir):
+        how = f"`aemnist ui --workdir {workdir.resolve()}` serves it"
+    else:
+        how = f"an MLflow UI serving the store {_public_url(uri)} on port 5000 shows it"
+    return page, f"The study's MLflow run: {how}; then open this link."
+
+
 class TaskRun:
     """A nested run of the study's parent run: one per task."""
 
@@ -248,6 +320,32 @@ class TaskRun:
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_inputs(self, uses: Sequence[TableUse]) -> None:
+        """Log the tables the task read as the run's dataset inputs: metadata only (where
+        each table is, its schema, its SHA-256 and rows), the split as its context."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        from aemnist.schemas import SCHEMAS
+
+        inputs = []
+        for use in uses:
+            profile: dict[str, Any] = {"sha256": use.table.sha256}
+            if use.table.rows >= 0:
+                profile["rows"] = use.table.rows
+            if use.limit:
+                profile["rows_read"] = use.limit
+            dataset = Dataset(
+                name=use.name,
+                digest=use.table.sha256[:_DIGEST_CHARS],
+                source_type="local",
+                source=json.dumps({"uri": str(Path(use.table.path).resolve())}),
+                schema=json.dumps({"mlflow_colspec": _colspec(SCHEMAS[use.schema])}),
+                profile=json.dumps(profile),
+            )
+            inputs.append(DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, use.context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
 
     def log_pytorch_model(
         self, model: Any, input_example: Any, registered_name: str = REGISTERED_MODEL
@@ -321,17 +419,87 @@ def task_run(
     client.set_terminated(run.info.run_id, status="FINISHED")
 
 
+def _colspec(schema: pa.Schema) -> list[dict[str, Any]]:
+    """A parquet schema as MLflow's column specs (what its UI shows for a dataset)."""
+    import pyarrow as pa
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    def mlflow_type(kind: pa.DataType) -> DataType | Array:
+        if pa.types.is_list(kind) or pa.types.is_fixed_size_list(kind):
+            return Array(mlflow_type(kind.value_type))
+        if pa.types.is_integer(kind):
+            return DataType.long if kind.bit_width == 64 else DataType.integer
+        if pa.types.is_floating(kind):
+            return DataType.double if kind.bit_width == 64 else DataType.float
+        return DataType.string
+
+    return Schema([ColSpec(mlflow_type(f.type), f.name) for f in schema]).to_dict()
+
+
 def log_to_parent(
     ctx: TrackingContext,
     metrics: Mapping[str, float] | None = None,
     artifacts: list[tuple[Path, str | None]] | None = None,
+    tables: Mapping[str, pd.DataFrame] | None = None,
 ) -> None:
-    """Study-level results: headline metrics and the report with its figures."""
+    """Study-level results: headline metrics, the report with its figures, and ``tables``
+    (artifact path: frame) as CSV files, which the MLflow UI previews."""
     parent = TaskRun(ctx, ctx.parent_run_id)
     if metrics:
         parent.log_metrics(metrics)
     for path, artifact_path in artifacts or []:
         parent.log_artifact(path, artifact_path)
+    for artifact_file, frame in (tables or {}).items():
+        parent.client.log_text(parent.run_id, frame.to_csv(index=False), artifact_file)
+
+
+def latest_alias(profile: str) -> str:
+    """The alias of a profile's newest finished final model (MLflow reserves plain
+    ``latest`` for its own newest version of any profile)."""
+    return f"latest-{profile}"
+
+
+def release_model(ctx: TrackingContext, version: str, name: str = REGISTERED_MODEL) -> list[str]:
+    """Tag a registered version of the final model, once its run has finished, with the
+    study's profile, config hash and seed (its parent run's tags) and its test MSE; give it
+    the alias ``latest-<profile>`` and, for the paper profile, ``champion``, each unless a
+    newer version holds it. Returns the aliases it took.
+
+    Raises TrackingError when the version's run has not finished or logged no test MSE."""
+    client = MlflowClient(ctx.tracking_uri)
+    model_version = client.get_model_version(name, version)
+    run = client.get_run(model_version.run_id)
+    test_mse = run.data.metrics.get("test_mse")
+    if run.info.status != "FINISHED" or test_mse is None:
+        raise TrackingError(
+            f"version {version} of the MLflow model {name} comes from run {run.info.run_id}, "
+            f"which is {run.info.status} with "
+            f"{'no' if test_mse is None else 'a'} test_mse metric: only a finished final "
+            f"model is released; run the study again to train and register a new one"
+        )
+    study = client.get_run(ctx.parent_run_id).data.tags
+    tags = {key: study[key] for key in ("profile", "config_hash", "seed") if key in study}
+    tags["test_mse"] = repr(float(test_mse))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    aliases = [latest_alias(tags["profile"])] if "profile" in tags else []
+    if tags.get("profile") == CHAMPION_PROFILE:
+        aliases.append(CHAMPION)
+    held = client.get_registered_model(name).aliases
+    took = []
+    for alias in aliases:
+        if alias in held and int(held[alias]) > int(version):
+            continue  # a newer model of that kind finished first
+        client.set_registered_model_alias(name, alias, version)
+        took.append(alias)
+    return took
+
+
+def study_experiment_id(tracking_uri: str) -> str | None:
+    """The id of the study's experiment in the store, None if it has none."""
+    experiment = MlflowClient(tracking_uri).get_experiment_by_name(EXPERIMENT)
+    return experiment.experiment_id if experiment is not None else None
 
 
 def failed_task_keys(tracking_uri: str) -> set[str]:

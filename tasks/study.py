@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from aemnist.config import StudyConfig, save_config
@@ -13,7 +17,7 @@ from aemnist.data import ensure_writable
 from aemnist.faults import FAULT_ENV
 from aemnist.jobs import ReportJob
 from aemnist.layout import Layout
-from aemnist.report import build_report, load_tables, report_figures, seed_comparison
+from aemnist.report import StudyRun, build_report, load_tables, report_figures, seed_comparison
 from aemnist.schemas import TableRef, read_frame
 from aemnist.tracking import (
     TrackingContext,
@@ -21,6 +25,7 @@ from aemnist.tracking import (
     link_reused_runs,
     log_to_parent,
     mark_abandoned_runs,
+    parent_run_page,
     resolve_tracking_uri,
     start_study,
 )
@@ -29,6 +34,13 @@ from tasks.common import prefect_tags, tracked_run
 
 # The parent run's tag that holds AEMNIST_FAULT when a study runs with it set.
 FAULT_TAG = "aemnist.fault"
+# The Prefect link artifact, on each flow run, to its study's MLflow parent run.
+MLFLOW_LINK_KEY = "mlflow-run"
+# Tables 1 and 2 on the parent run as CSV, which the MLflow UI previews.
+TABLE_CSVS = {
+    "grid_summary": "tables/table1_grid_search.csv",
+    "sweep_summary": "tables/table2_size_sweep.csv",
+}
 
 
 @task(name="open-study", cache_policy=NO_CACHE)
@@ -67,7 +79,12 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
             len(killed),
             ", ".join(killed),
         )
-    logger.info("MLflow parent run %s in %s", ctx.parent_run_id, uri)
+    # Its page in the UI rather than the tracking URI, which may carry credentials.
+    page, how = parent_run_page(ctx, layout.root)
+    logger.info("MLflow parent run %s: %s", ctx.parent_run_id, page)
+    create_link_artifact(
+        page, link_text=f"MLflow run {ctx.parent_run_id}", key=MLFLOW_LINK_KEY, description=how
+    )
     return ctx
 
 
@@ -91,7 +108,9 @@ def link_reused(ctx: TrackingContext, links: dict[str, str]) -> None:
 def write_report(ctx: TrackingContext, job: ReportJob) -> TableRef:
     """report.md and its figures, from the stored tables."""
     with tracked_run(ctx, job.label, {"tables": len(job.tables)}, "report") as run:
-        path = build_report(job.layout, job.config)
+        path = build_report(
+            job.layout, job.config, run=StudyRun(ctx.parent_run_id, ctx.experiment_id)
+        )
         run.log_artifact(path)
         for figure in report_figures(job.layout):
             run.log_artifact(figure, "figures")
@@ -109,12 +128,14 @@ def publish_results(ctx: TrackingContext, config: StudyConfig, layout: Layout) -
     metrics = {f"final_{k}": float(v) for k, v in final.items()}
     # Ours beside the seed's, with the ratios and the targets met: comparable across runs.
     metrics |= seed_comparison(load_tables(layout, config.sweep.repeats))
-    log_to_parent(ctx, metrics=metrics, artifacts=artifacts)
+    tables = {
+        "grid_summary": read_frame(layout.grid_summary, "grid_summary"),
+        "sweep_summary": read_frame(layout.sweep_summary, "sweep_summary"),
+    }
+    csvs = {TABLE_CSVS[schema]: frame for schema, frame in tables.items()}
+    log_to_parent(ctx, metrics=metrics, artifacts=artifacts, tables=csvs)
     create_markdown_artifact(
         layout.report.read_text(), key="aemnist-report", description="Study report"
     )
-    for key, path, schema in (
-        ("aemnist-table-1", layout.grid_summary, "grid_summary"),
-        ("aemnist-table-2", layout.sweep_summary, "sweep_summary"),
-    ):
-        create_table_artifact(read_frame(path, schema).to_dict(orient="records"), key=key)
+    for key, schema in (("aemnist-table-1", "grid_summary"), ("aemnist-table-2", "sweep_summary")):
+        create_table_artifact(tables[schema].to_dict(orient="records"), key=key)

@@ -15,7 +15,7 @@ from aemnist.jobs import FoldJob, SizeJob
 from aemnist.model import Autoencoder, save_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, read_frame, write_table
-from aemnist.tracking import TaskRun, TrackingContext
+from aemnist.tracking import TaskRun, TrackingContext, release_model
 from aemnist.training import EpochCallback, EpochResult, evaluate, train_fold, train_size
 from tasks.caching import StageCache, current_key
 from tasks.common import tracked_run
@@ -65,6 +65,7 @@ def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
         training_slot(job.compute.device),
         tracked_run(ctx, job.label, job.params(), job.stage) as run,
     ):
+        run.log_inputs(job.inputs())
         maybe_fail(job.stage, **job.fault_key)
         set_torch_threads(job.compute.threads)
         history = train_fold(
@@ -101,6 +102,7 @@ def _trained_at_size(
         training_slot(job.compute.device),
         tracked_run(ctx, job.label, job.params(), job.stage) as run,
     ):
+        run.log_inputs(job.inputs())
         maybe_fail(job.stage, **job.fault_key)
         set_torch_threads(job.compute.threads)
         test_set = load_images(job.test.path, job.test_limit)
@@ -151,10 +153,12 @@ def sweep_size(ctx: TrackingContext, job: SizeJob) -> TableRef:
 )
 def final_model(ctx: TrackingContext, job: SizeJob) -> TableRef:
     """Train the final model (of one seed); save its checkpoint; log it and, for repeat 0,
-    register it in MLflow.
+    register it in MLflow and, once its run has finished, tag the version (and make a
+    paper-profile one the champion).
 
     Returns the model file's reference: what the evaluation stages depend on."""
     layout, repeat = job.layout, job.repeat
+    version = None
     with _trained_at_size(ctx, job) as (run, model, history, test_set):
         test_mse = evaluate(
             model, test_set.images, job.training.eval_batch_size, job.compute.device
@@ -179,4 +183,6 @@ def final_model(ctx: TrackingContext, job: SizeJob) -> TableRef:
             get_run_logger().info(
                 "final model: test MSE %.6f, registered version %s", test_mse, version
             )
+    if version is not None:  # its run has finished: the version is released
+        release_model(ctx, version)
     return TableRef.of_file(files[2]).with_run(run.run_id)

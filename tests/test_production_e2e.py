@@ -146,10 +146,14 @@ class Stack:
             time.sleep(2)
         raise AssertionError(f"flow run {flow_run_id} not finished in {timeout:g} s")
 
+    def all_artifacts(self, flow_run_id: str) -> list[dict]:
+        """Every Prefect artifact of a flow run (of each of its attempts)."""
+        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        return self.api("/artifacts/filter", body)
+
     def artifacts(self, flow_run_id: str) -> dict[str, dict]:
         """The Prefect artifacts of a flow run, by key (the latest of each)."""
-        body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
-        return {a["key"]: a for a in self.api("/artifacts/filter", body) if a["key"]}
+        return {a["key"]: a for a in self.all_artifacts(flow_run_id) if a["key"]}
 
     def prefect(self, *args: str) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -461,6 +465,14 @@ def test_deployment_run_shows_tables_1_and_2_and_the_report_in_prefect(
     n_pairs = len(SMOKE.grid.learning_rates) * len(SMOKE.grid.weight_decays)
     assert len(rows_1) == n_pairs and {"lr", "weight_decay"} <= set(rows_1[0])
     assert sorted(row["size"] for row in rows_2) == sorted(SMOKE.sweep.sizes)
+    # Each attempt links to its MLflow parent run on the tracking server's UI.
+    links = {a["data"] for a in stack.all_artifacts(flow_run_id) if a["key"] == "mlflow-run"}
+    client = MlflowClient(stack.mlflow_uri)
+    assert links == {
+        f"[MLflow run {run.info.run_id}]({stack.mlflow_uri}/#/experiments/"
+        f"{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning)"
+        for run in parents_of(client, flow_run_id)
+    }
 
 
 def test_credentials_reach_no_log_flow_parameter_or_mlflow_run(
@@ -600,6 +612,28 @@ def test_mlflow_ui_compares_the_grid_runs_on_parallel_coordinates(
         assert extents == [f"{f(span):.5f}" for span in spans for f in (max, min)]
         page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
         page.screenshot(path=ARTIFACTS / "mlflow-ui-parallel-coordinates.png")
+
+
+def test_mlflow_ui_shows_the_final_models_alias_on_the_registered_model_page(
+    stack: Stack, deployed_smoke: DeployedRun
+) -> None:
+    from playwright.sync_api import expect
+
+    client = MlflowClient(stack.mlflow_uri)
+    _, parent = parents_of(client, deployed_smoke.flow_run_id)
+    final = next(
+        run for name, run in nested_runs(client, parent.info.run_id).items()
+        if name.startswith("final size=")
+    )  # fmt: skip
+    version = client.get_model_version_by_alias(REGISTERED_MODEL, "latest-smoke")
+    assert version.run_id == final.info.run_id
+    ARTIFACTS.mkdir(exist_ok=True)
+    with chromium() as browser:
+        page = stack.mlflow_page(browser)
+        page.goto(f"{stack.mlflow_uri}/#/models/{REGISTERED_MODEL}")
+        row = page.get_by_role("row").filter(has_text=f"Version {version.version}")
+        expect(row).to_contain_text("@ latest-smoke", timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "mlflow-ui-registered-model.png")
 
 
 def test_mlflow_ui_shows_the_study_a_fold_and_its_metric_charts(

@@ -21,6 +21,7 @@ from aemnist.plots import digit_colour, example_montage, spans_decades
 from aemnist.reference import paper_targets
 from aemnist.report import (
     FIGURES,
+    StudyRun,
     build_report,
     load_tables,
     render_report,
@@ -291,6 +292,37 @@ def test_missing_table_raises_table_error_naming_the_file(tmp_path, table):
     missing.unlink()
     with pytest.raises(TableError, match=str(missing)):
         build_report(layout, config)
+    assert not layout.report.exists()
+
+
+def test_the_report_names_its_studys_mlflow_run_and_a_rebuild_names_the_same(tmp_path):
+    layout, config = write_study(tmp_path / "study")
+    run = StudyRun("0123456789abcdef0123456789abcdef", "4")
+    built = build_report(layout, config, TODAY, run=run).read_text(encoding="utf-8")
+    line = (
+        "- MLflow run: `0123456789abcdef0123456789abcdef` (experiment 4): its parameters, "
+        "metrics, models and artifacts"
+    )
+    # After the date: `aemnist report` rebuilds, compared from line 8 on, must name it too.
+    assert built.split("\n")[8] == line
+    layout.report.unlink()
+    assert build_report(layout, config, TODAY).read_text(encoding="utf-8") == built
+    # A work dir from before reports named their run has no record: no line, no error.
+    layout.report_run.unlink()
+    assert "MLflow run" not in build_report(layout, config, TODAY).read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "record", ['{"run_id": "abc"}', "not json", '{"run_id": "a/../b", "experiment_id": "1"}']
+)
+def test_a_damaged_run_record_stops_a_rebuild_with_one_line_naming_it(tmp_path, record):
+    layout, config = write_study(tmp_path / "study")
+    layout.report_run.write_text(record)
+    with pytest.raises(TableError) as err:
+        build_report(layout, config)
+    message = str(err.value)
+    assert str(layout.report_run) in message and "--refresh report" in message
+    assert "\n" not in message
     assert not layout.report.exists()
 
 

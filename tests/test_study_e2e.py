@@ -3,17 +3,21 @@ an embedded MLflow store, then everything read back through MLflow's client."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from cli_helpers import (
     REPO_ROOT,
@@ -31,11 +35,20 @@ from aemnist import caching, plan
 from aemnist.config import load_config, read_saved_config
 from aemnist.layout import Layout
 from aemnist.runtime import with_resolved_device
+from aemnist.schemas import file_sha256, read_frame
 from aemnist.status import study_status
-from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
+from aemnist.tracking import (
+    EXPERIMENT,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    REGISTERED_MODEL,
+    embedded_tracking_uri,
+)
 
 # As the run resolves it: runtime.device auto becomes the device it ran on.
 SMOKE = with_resolved_device(load_config("smoke"))
+# What opens MLflow 3.17's UI on an experiment's runs rather than on its GenAI overview.
+ML = "?workflowType=machine_learning"
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +68,11 @@ def smoke_study(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path):  
 
 
 def test_smoke_study_prints_the_report_path_and_how_to_open_the_ui(smoke_study) -> None:
-    workdir, result, _, _ = smoke_study
+    workdir, result, client, _ = smoke_study
     assert f"Report: {workdir / 'report.md'}" in result.stdout
-    assert f"aemnist ui --workdir {workdir}" in result.stdout
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    runs = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs{ML}"
+    assert f"aemnist ui --workdir {workdir}   then open {runs}\n" in result.stdout
     # Progress: each stage's fan-out reports as its tasks finish.
     n_grid = len(grid_names())
     assert f"[grid] {n_grid}/{n_grid} tasks finished" in result.stdout + result.stderr
@@ -131,9 +146,19 @@ def test_final_model_is_registered_and_loads(smoke_study) -> None:
     final = next(run for name, run in runs.items() if name.startswith("final size="))
     versions = client.search_model_versions(f"name = '{REGISTERED_MODEL}'")
     assert [v.run_id for v in versions] == [final.info.run_id]
+    # Tagged once its run finished; a smoke model is no champion, and `@latest-smoke` loads it.
+    assert versions[0].tags == {
+        "profile": "smoke",
+        "config_hash": SMOKE.config_hash(),
+        "seed": str(SMOKE.seed),
+        "test_mse": repr(final.data.metrics["test_mse"]),
+    }
+    # (A search leaves a version's aliases out: read back one by one.)
+    version = client.get_model_version(REGISTERED_MODEL, versions[0].version)
+    assert version.aliases == ["latest-smoke"]
     mlflow.set_tracking_uri(client.tracking_uri)
     try:
-        model = mlflow.pytorch.load_model(f"models:/{REGISTERED_MODEL}/{versions[0].version}")
+        model = mlflow.pytorch.load_model(f"models:/{REGISTERED_MODEL}@latest-smoke")
     finally:
         mlflow.set_tracking_uri(None)
     with torch.inference_mode():
@@ -143,6 +168,80 @@ def test_final_model_is_registered_and_loads(smoke_study) -> None:
     assert final.data.metrics["test_mse"] == parents[0].data.metrics["final_test_mse"]
     history = client.get_metric_history(final.info.run_id, "test_loss")
     assert [m.step for m in history] == list(range(1, SMOKE.final.epochs + 1))
+
+
+CONTEXT = "mlflow.data.context"  # the input tag MLflow's log_input gives a dataset's context
+
+
+def test_every_training_run_logs_the_tables_it_read_by_sha256_with_its_split(
+    smoke_study,
+) -> None:
+    workdir, _, client, parents = smoke_study
+    layout = Layout(workdir)
+    digest = {
+        name: file_sha256(path)[:36]
+        for name, path in (
+            ("mnist_train", layout.train_table),
+            ("mnist_test", layout.test_table),
+            ("folds", layout.folds),
+        )
+    }
+    runs = nested_runs(client, parents[0].info.run_id)
+    trained = ("grid lr=", "sweep size=", "final size=")
+    training = [name for name in runs if name.startswith(trained)]
+    assert len(training) == len(grid_names()) + len(SMOKE.sweep.sizes) + 1
+    for name in training:
+        logged = client.get_run(runs[name].info.run_id).inputs.dataset_inputs
+        found = {
+            (i.dataset.name, i.dataset.digest): {t.value for t in i.tags if t.key == CONTEXT}
+            for i in logged
+        }
+        fold = re.search(r"fold=(\d)", name)
+        if fold:  # trained on the other folds, validated on this one
+            split = f"cross-validation fold {fold.group(1)}"
+            expected = {("mnist_train", split), ("folds", split)}
+        else:  # the smoke profile selects on the test set, as the seed did
+            expected = {("mnist_train", "training"), ("mnist_test", "test")}
+        assert found == {(table, digest[table]): {split} for table, split in expected}, name
+
+
+def test_parent_run_previews_tables_1_and_2_as_csv_and_the_report_names_it(smoke_study) -> None:
+    workdir, _, client, parents = smoke_study
+    parent = parents[0].info.run_id
+    experiment = client.get_experiment(parents[0].info.experiment_id)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND  # opens on its runs list
+    layout = Layout(workdir)
+    for artifact, table, schema in (
+        ("tables/table1_grid_search.csv", layout.grid_summary, "grid_summary"),
+        ("tables/table2_size_sweep.csv", layout.sweep_summary, "sweep_summary"),
+    ):
+        local = client.download_artifacts(parent, artifact, str(workdir.parent / "csv"))
+        stored = read_frame(table, schema)
+        pd.testing.assert_frame_equal(
+            pd.read_csv(local), stored, check_dtype=False, check_exact=True
+        )
+    report = (workdir / "report.md").read_text()
+    assert f"- MLflow run: `{parent}` (experiment {experiment.experiment_id})" in report
+
+
+def test_the_flow_run_links_to_its_mlflow_parent_run(smoke_study) -> None:
+    """The link artifact, read from the database of the run's temporary Prefect server
+    (gone with the run; its database stays in the run's Prefect home)."""
+    workdir, _, _, parents = smoke_study
+    parent = parents[0]
+    database = workdir.parent / "prefect-home" / "prefect.db"
+    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        rows = db.execute(
+            "SELECT type, data, description, flow_run_id FROM artifact WHERE key = 'mlflow-run'"
+        ).fetchall()
+    assert len(rows) == 1
+    kind, data, description, flow_run_id = rows[0]
+    assert flow_run_id == parent.data.tags["prefect.flow_run_id"]
+    experiment, run = parent.info.experiment_id, parent.info.run_id
+    page = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run}{ML}"
+    # Prefect stores a link artifact as Markdown: the link text, then the URL.
+    assert (kind, json.loads(data)) == ("markdown", f"[MLflow run {run}]({page})")
+    assert f"`aemnist ui --workdir {workdir}` serves it" in description
 
 
 def test_report_and_its_figures_exist_and_are_logged(smoke_study) -> None:
@@ -262,6 +361,11 @@ def test_ui_command_serves_the_study_runs(smoke_study, tmp_path: Path) -> None:
         url = next(filter(None, map(announced.search, proc.stdout)), None)
         assert url is not None, "the MLflow UI exited without printing its URL"
         base = url.group(1).decode()
+        # Then the page of the study's runs, which opens on them (not on a GenAI overview).
+        experiment = parents[0].info.experiment_id
+        assert proc.stdout.readline().decode().strip() == (
+            f"The study's runs: {base}/#/experiments/{experiment}/runs{ML}"
+        )
         deadline = time.monotonic() + 90
         body = None
         while time.monotonic() < deadline and proc.poll() is None:

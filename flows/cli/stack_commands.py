@@ -293,6 +293,10 @@ def _ui(args: argparse.Namespace) -> int:
     try:
         # Its output is ours; its process group its own, stopped whole when we stop.
         service = launch_server("MLflow UI", command, env, args.host, args.port, "/health")
+        # Read while the server starts: the page of the study's runs, announced with it.
+        from aemnist.tracking import study_experiment_id, ui_page
+
+        experiment_id = study_experiment_id(embedded_tracking_uri(workdir))
         at = f"{args.host}:{args.port}" if args.port else f"{args.host} (a free port)"
         if not wait_until_answers(service, time.monotonic() + UI_TIMEOUT, interval=0.2):
             code = service.process.returncode
@@ -305,11 +309,10 @@ def _ui(args: argparse.Namespace) -> int:
                 )
             )
         # Announced once it answers: on port 0 the port it bound is known only then.
-        print(
-            f"MLflow UI on http://{args.host}:{service.port} (store: {workdir}{access}); "
-            f"Ctrl-C stops it.",
-            flush=True,
-        )
+        url = f"http://{args.host}:{service.port}"
+        print(f"MLflow UI on {url} (store: {workdir}{access}); Ctrl-C stops it.", flush=True)
+        if experiment_id is not None:
+            print(f"The study's runs: {ui_page(url, experiment_id)}", flush=True)
         serving = True
         code = service.process.wait()
         raise StackError(f"the MLflow UI on {args.host}:{service.port} stopped (exit code {code})")

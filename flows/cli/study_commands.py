@@ -249,7 +249,7 @@ def _run_study(
 ) -> int:
     from aemnist.data import ensure_writable, flow_mirror_parameter
     from aemnist.plan import resolve_study
-    from aemnist.tracking import TRACKING_ENV, open_store, resolve_tracking_uri
+    from aemnist.tracking import TRACKING_ENV, open_store, resolve_tracking_uri, ui_page
 
     # The flow resolves the study from its parameters, as a deployment run does; resolving it
     # here too (the same function) stops a device this machine lacks before the work dir is
@@ -262,19 +262,19 @@ def _run_study(
     _lock_workdir(workdir)
     # Opens (creates, migrates) the MLflow store now, while the server starts; or fails
     # fast when a tracking server does not answer.
-    open_store(resolve_tracking_uri(workdir), workdir)
+    experiment_id = open_store(resolve_tracking_uri(workdir), workdir)
 
     from flows.study import study
 
     if api is not None:
         api.ready()
     # The flow run, recorded as it starts, for the lines that say where to browse it.
-    runs: list[FlowRun] = []
+    flow_runs: list[FlowRun] = []
 
     def remember(flow: object, flow_run: FlowRun, state: object) -> None:
-        runs.append(flow_run)
+        flow_runs.append(flow_run)
 
-    browse = _BrowseHint(runs, workdir, temporary=api is not None)
+    browse = _BrowseHint(flow_runs, workdir, temporary=api is not None)
     with _heartbeats_off() if api is not None else contextlib.nullcontext(), browse:
         report = study.with_options(on_running=[remember])(
             profile=config.profile,
@@ -295,10 +295,12 @@ def _run_study(
     tracking = os.environ.get(TRACKING_ENV)
     print(f"\nStudy ({config.profile}) finished in {time.monotonic() - started:.0f} s.")
     print(f"Report: {report}")
+    # The experiment's runs list (not the UI's GenAI overview), without credentials.
+    runs = ui_page(tracking or "", experiment_id)
     if tracking:
-        print(f"MLflow runs: {tracking}")
+        print(f"MLflow runs: {runs}")
     else:
-        print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open http://127.0.0.1:5000")
+        print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open {runs}")
     browse.tell()
     return 0
 
