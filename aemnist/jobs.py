@@ -11,7 +11,7 @@ declarations before its heavy imports.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +96,10 @@ class Compute:
     device: str
     threads: int
     options: TrainingOptions
+    # The machine's training-slot limit a training task holds one slot of (a Prefect global
+    # concurrency limit shared by the studies on one server); None: the study's own task
+    # runner bounds it. Where it waits, not what it computes: no part of the key.
+    slots: str | None = field(default=None, metadata={"key": False})
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,11 @@ class Study:
     options: TrainingOptions
     mirror: str | None = None
     redo: frozenset[str] = frozenset()  # stages to recompute (--fresh, --refresh)
+    slots: str | None = None  # the training-slot limit shared across studies (Compute.slots)
 
     def compute(self, threads: int | None = None) -> Compute:
-        return Compute(self.config.runtime.device, threads or self.threads, self.options)
+        device = self.config.runtime.device
+        return Compute(device, threads or self.threads, self.options, self.slots)
 
 
 @dataclass(frozen=True)

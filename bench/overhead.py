@@ -8,8 +8,9 @@ Prefect's temporary server, task submission, states, result persistence.
 
     python bench/overhead.py [--profile smoke] [--prefect-home DIR]
 
-A fresh PREFECT_HOME (the default: a new temporary one) makes the temporary Prefect server
-create and migrate its database, as on a user's first run; pass --prefect-home to reuse one.
+The fresh run's temporary Prefect server creates and migrates its database (in the new
+work dir, WORKDIR/server/prefect.db), as on a user's first run in a work dir; the re-run
+reuses it. --prefect-home sets PREFECT_HOME (default: a new temporary one).
 """
 
 from __future__ import annotations

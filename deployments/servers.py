@@ -59,6 +59,10 @@ from deployments.stack import LOOPBACK, PREFECT_API_ENV, PROJECT_ROOT, StackErro
 UNFINISHED_STATES = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
 
 
+# Where a user points Prefect's server at a database of their own: it wins over ours.
+DATABASE_ENVS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
+
+
 @dataclass
 class Service:
     """A server running as a child process, the leader of its own process group; ``port`` is
@@ -793,7 +797,8 @@ class TemporaryPrefectServer:
     whole process, and the worker processes it starts (Dask's), is pointed at it: they would
     otherwise each start a temporary server of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, database: Path | None = None) -> None:
+        self.database = database
         self.service = self._launch()
         # Stopped by ``stop_children`` at exit (or on a stop signal), after the process's last
         # logs and events are shipped to it: Prefect registers their flush at exit after this
@@ -831,6 +836,17 @@ class TemporaryPrefectServer:
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
+        if any(name in env for name in DATABASE_ENVS):
+            pass  # a database of the user's
+        elif self.database is not None:
+            # Its flow runs stay browsable after it stops: `aemnist server` opens this file.
+            url = sqlite_url(self.database, "sqlite+aiosqlite")
+            env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
+        else:
+            # Prefect's default database, in PREFECT_HOME, which `prefect server start` opens
+            # too; Prefect's CLI creates that folder, the server alone does not.
+            home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
         return launch_server("temporary Prefect server", command, env, LOOPBACK, 0, "/api/health")
 
     def _await(self) -> None:

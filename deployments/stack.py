@@ -19,6 +19,10 @@ PREFECT_FILE = Path("deployments") / "prefect.yaml"
 WORK_POOL = "aemnist"
 FLOW_NAME = "study"
 PREFECT_API_ENV = "PREFECT_API_URL"
+# The deployments' working directory (prefect.yaml's pull step).
+ROOT_ENV = "AEMNIST_ROOT"
+# The runs' environment that the deployments record from the deploying shell.
+JOB_ENV = ("AEMNIST_MNIST_MIRROR", "MLFLOW_TRACKING_URI")
 LOOPBACK = "127.0.0.1"
 
 
@@ -69,14 +73,30 @@ def work_pool_exists(name: str) -> bool:
 
 
 def deploy_study(env: Mapping[str, str]) -> list[str]:
-    """Apply deployments/prefect.yaml from the repo root (so that the recorded working
-    directory is the repo root); returns the deployment names ("study/smoke", ...)."""
+    """Apply deployments/prefect.yaml from the repo root, its `{{ $NAME }}` placeholders
+    taken from ``env``: the pull step's AEMNIST_ROOT (the repo root unless ``env`` names
+    another) and the runs' environment (JOB_ENV). Returns the deployment names
+    ("study/smoke", ...).
+
+    A variable of JOB_ENV that ``env`` lacks is left out of the deployments (Prefect would
+    record it empty, which would hide the worker's own); one whose URL carries credentials
+    is refused, as Prefect stores and shows job variables."""
+    from aemnist.data import has_secrets, redact_url
+
+    for name in JOB_ENV:
+        if has_secrets(env.get(name)):
+            raise StackError(
+                f"{name}={redact_url(env[name])} carries credentials or a query string, which "
+                f"the deployments would store in Prefect as a job variable: unset it in this "
+                f"shell and set it in the environment of `aemnist worker` instead"
+            )
     command = [
         *_prefect_executable(), "--no-prompt", "deploy", "--all",
         "--prefect-file", str(PREFECT_FILE),
     ]  # fmt: skip
+    deploy_env = {ROOT_ENV: str(PROJECT_ROOT), **env}
     proc = subprocess.run(
-        command, cwd=PROJECT_ROOT, env=dict(env), capture_output=True, text=True, timeout=600
+        command, cwd=PROJECT_ROOT, env=deploy_env, capture_output=True, text=True, timeout=600
     )
     if proc.returncode != 0:
         output = (proc.stdout + proc.stderr).strip().splitlines()
@@ -84,7 +104,28 @@ def deploy_study(env: Mapping[str, str]) -> list[str]:
             f"`prefect deploy` of {PREFECT_FILE} failed (exit {proc.returncode}):\n    "
             + "\n    ".join(output[-12:])
         )
+    _drop_unset_job_env([name for name in JOB_ENV if not env.get(name)])
     return deployment_names()
+
+
+def _drop_unset_job_env(unset: list[str]) -> None:
+    """Remove from the study's deployments the job variables ``unset`` that `prefect deploy`
+    recorded as empty strings."""
+    if not unset:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        for deployment in client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME]))
+        ):
+            variables = dict(deployment.job_variables or {})
+            job_env = {k: v for k, v in (variables.get("env") or {}).items() if k not in unset or v}
+            client.update_deployment(
+                deployment.id, DeploymentUpdate(job_variables={**variables, "env": job_env})
+            )
 
 
 def deployment_names() -> list[str]:

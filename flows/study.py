@@ -12,6 +12,7 @@ run (``task_runner="dask"``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -20,17 +21,27 @@ from typing import Annotated, Any, Literal
 from prefect import Task, flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field
 
 from aemnist import plan
-from aemnist.config import MIRROR_ENV, SEED_MAX, Device, Profile, load_config, run_overrides
-from aemnist.runtime import prepare_device
+from aemnist.config import (
+    MIRROR_ENV,
+    SEED_MAX,
+    ConfigError,
+    Device,
+    Profile,
+    load_config,
+    run_overrides,
+)
+from aemnist.runtime import prepare_device, with_resolved_device
 from deployments.dask_tls import DaskTLS
 from tasks.aggregate import summarise_grid, summarise_sweep
 from tasks.caching import result_storage, submit_job
 from tasks.data import assign_folds, download
 from tasks.evaluation import evaluate_corruption, map_embedding
+from tasks.slots import set_training_slots
 from tasks.study import close_study, link_reused, open_study, publish_results, write_report
 from tasks.training import final_model, grid_fold, sweep_size
 
@@ -219,7 +230,29 @@ def run_stages(study: plan.Study, runner: TaskRunner) -> str:
     return results["report"][0].path
 
 
-@flow(name="study")
+def study_run_name() -> str:
+    """The flow run's name: its profile, seed and config hash (the hash the parent MLflow run
+    is tagged with, of the config with its device resolved), e.g. ``smoke seed=0
+    config=0123456789ab``. A config that does not load names the run after its profile; the
+    flow then stops with the config's error."""
+    parameters = flow_run.parameters
+    config_file = parameters.get("config_file")
+    try:
+        config = with_resolved_device(
+            load_config(
+                parameters.get("profile"),
+                Path(config_file) if config_file else None,
+                run_overrides(
+                    parameters.get("seed"), parameters.get("device"), parameters.get("repeats")
+                ),
+            )
+        )
+    except (ConfigError, OSError):
+        return f"{parameters.get('profile') or 'study'} (config not loaded)"
+    return f"{config.profile} seed={config.seed} config={config.config_hash()[:12]}"
+
+
+@flow(name="study", flow_run_name=study_run_name)
 def study(
     profile: Profile | None = None,
     workdir: str = DEFAULT_WORKDIR,
@@ -233,6 +266,7 @@ def study(
     task_runner: RunnerKind = "threads",
     dask_address: str | None = None,
     dask_security: DaskTLS | None = None,
+    share_slots: bool = True,
 ) -> str:
     """Run the whole study; returns the path of the report.
 
@@ -242,7 +276,9 @@ def study(
     recomputes every stage; ``refresh`` names stages to recompute with every stage that
     follows from them. ``task_runner`` runs the tasks in threads or on Dask (at
     ``dask_address``, with ``dask_security``'s TLS files for a tls:// scheduler, else a local
-    cluster), sized by the config's runtime section."""
+    cluster), sized by the config's runtime section. ``share_slots``: training tasks hold
+    slots of this machine's limit on the Prefect server, shared by every study on it (off
+    for a server no other study uses: `aemnist run`'s temporary one)."""
     resolved = prepare_study(
         profile,
         workdir,
@@ -251,6 +287,14 @@ def study(
         run_overrides(seed, device, repeats),
         plan.refreshed_stages(fresh, refresh),
     )
+    if share_slots:
+        slots = set_training_slots(resolved.config.runtime.device, resolved.workers)
+        resolved = dataclasses.replace(resolved, slots=slots)
+        get_run_logger().info(
+            "training slots: %d on %s, shared by the studies on this Prefect server",
+            resolved.workers,
+            slots,
+        )
     # The decorator's default runner runs nothing: every task goes to this one, sized from
     # the resolved config on every launch path.
     with task_runner_for(resolved, task_runner, dask_address, dask_security) as runner:

@@ -52,6 +52,17 @@ def current_key() -> str | None:
     return transaction.key if transaction is not None else None
 
 
+def job_tags(stage: Stage, job: Job) -> set[str]:
+    """The task run's tags, to filter on in the Prefect UI and API: its stage
+    (``stage:grid``) and, for a task that computes on a device, that device
+    (``device:cpu``, ``device:cuda``)."""
+    tags = {f"stage:{stage.name}"}
+    compute = getattr(job, "compute", None)
+    if compute is not None:
+        tags.add(f"device:{compute.device}")
+    return tags
+
+
 def submit_job(
     runner: TaskRunner,
     task: Task,
@@ -68,8 +79,9 @@ def submit_job(
     checkpoint goes too) or when one of the files it writes is missing, damaged (it does not
     match its recorded SHA-256) or was since overwritten by a task of another config."""
     parameters = {"ctx": ctx, "job": job}
+    tags = job_tags(stage, job)
     if not stage.cached:
-        return runner.submit(task, parameters)
+        return runner.submit(task.with_options(tags=tags), parameters)
     key = stage_key(stage.name, job)
     states = {path: output_state(path, key) for path in stage.writes(job)}
     damaged = [str(path) for path, state in states.items() if state == "damaged"]
@@ -83,7 +95,10 @@ def submit_job(
         checkpoint.unlink(missing_ok=True)
     recompute = refresh or any(state != "intact" for state in states.values())
     configured = task.with_options(
-        result_storage=storage, result_serializer=TableRefSerializer(), refresh_cache=recompute
+        tags=tags,
+        result_storage=storage,
+        result_serializer=TableRefSerializer(),
+        refresh_cache=recompute,
     )
     return runner.submit(configured, parameters)
 

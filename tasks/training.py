@@ -19,6 +19,7 @@ from aemnist.tracking import TaskRun, TrackingContext, release_model
 from aemnist.training import EpochCallback, EpochResult, evaluate, train_fold, train_size
 from tasks.caching import StageCache, current_key
 from tasks.common import tracked_run
+from tasks.slots import training_slot
 
 # The MLflow metric of each epoch's scored loss, by the sweep's selection.
 SCORED_ON = {"test": "test_loss", "validation": "val_loss"}
@@ -58,7 +59,12 @@ def _epoch_logger(run: TaskRun, job: FoldJob | SizeJob, eval_name: str) -> Epoch
 )
 def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
     """Train on every fold but the job's and record the per-epoch validation loss."""
-    with tracked_run(ctx, job.label, job.params(), job.stage) as run:
+    # One of the machine's training slots is held for the whole task run (tasks.slots): its
+    # MLflow run's span is the time it held the slot.
+    with (
+        training_slot(job.compute.slots),
+        tracked_run(ctx, job.label, job.params(), job.stage) as run,
+    ):
         run.log_inputs(job.inputs())
         maybe_fail(job.stage, **job.fault_key)
         set_torch_threads(job.compute.threads)
@@ -92,7 +98,10 @@ def _trained_at_size(
     """What the sweep and final stages share: a nested run, training at one size on the whole
     training set with the test loss each epoch, resumable from the task's checkpoint (removed
     once the body has stored its results). Yields the run, model, history and test images."""
-    with tracked_run(ctx, job.label, job.params(), job.stage) as run:
+    with (
+        training_slot(job.compute.slots),
+        tracked_run(ctx, job.label, job.params(), job.stage) as run,
+    ):
         run.log_inputs(job.inputs())
         maybe_fail(job.stage, **job.fault_key)
         set_torch_threads(job.compute.threads)

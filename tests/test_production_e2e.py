@@ -175,10 +175,13 @@ class Stack:
         return match.group(1)
 
     @contextmanager
-    def worker(self, name: str, extra_env: dict[str, str] | None = None) -> Iterator[Background]:
+    def worker(
+        self, name: str, extra_env: dict[str, str] | None = None, drop: tuple[str, ...] = ()
+    ) -> Iterator[Background]:
+        env = {k: v for k, v in self.env.items() if k not in drop}
         worker = aemnist(
             ["worker", "--name", name],
-            {**self.env, **(extra_env or {})},
+            {**env, **(extra_env or {})},
             self.root / f"worker-{name}.log",
         )
         try:
@@ -263,7 +266,9 @@ def deployed_smoke(stack: Stack, deployed: list[str]) -> DeployedRun:
         flow_run_id = stack.run_deployment("study/smoke", workdir)
         assert stack.wait_for_flow_run(flow_run_id) == "FAILED"
         failed_seconds = time.monotonic() - started
-    with stack.worker("healthy") as worker:
+    # A worker started without the tracking server and the mirror in its environment: the
+    # deployment's job variables give them to the run.
+    with stack.worker("healthy", drop=("MLFLOW_TRACKING_URI", "AEMNIST_MNIST_MIRROR")) as worker:
         started = time.monotonic()
         stack.prefect("flow-run", "retry", flow_run_id)
         state = stack.wait_for_flow_run(flow_run_id)
@@ -339,6 +344,48 @@ def test_clients_without_the_credentials_are_told_where_to_find_them(stack: Stac
 
 def test_deploy_creates_the_pool_and_a_deployment_per_profile(deployed: list[str]) -> None:
     assert deployed == ["study/paper", "study/quick", "study/smoke"]
+
+
+def test_deployments_record_their_pull_step_run_environment_and_one_run_at_a_time(
+    stack: Stack, deployed: list[str], mnist_mirror: Path
+) -> None:
+    for name in deployed:
+        deployment = stack.api(f"/deployments/name/{name}")
+        # An explicit pull step to the checkout `aemnist deploy` ran from, the mirror and the
+        # tracking server of the deploying shell, one flow run at a time, the next queued.
+        assert deployment["pull_steps"] == [
+            {
+                "prefect.deployments.steps.set_working_directory": {
+                    "directory": str(REPO_ROOT.resolve())
+                }
+            }
+        ], name
+        assert deployment["job_variables"] == {
+            "env": {
+                "AEMNIST_MNIST_MIRROR": str(mnist_mirror),
+                "MLFLOW_TRACKING_URI": stack.mlflow_uri,
+            }
+        }, name
+        assert deployment["global_concurrency_limit"]["limit"] == 1, name
+        assert deployment["concurrency_options"]["collision_strategy"] == "ENQUEUE", name
+
+
+def test_deploy_refuses_a_mirror_with_credentials_and_names_where_it_goes_instead(
+    stack: Stack, deployed: list[str]
+) -> None:
+    secret = "https://reader:s3cret@mirror.example/mnist"
+    result = run_cli(
+        ["deploy"],
+        home=stack.root / "client-home",
+        env={**stack.env, "AEMNIST_MNIST_MIRROR": secret},
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "aemnist: error: AEMNIST_MNIST_MIRROR=https://***@mirror.example/mnist carries "
+        "credentials or a query string, which the deployments would store in Prefect as a job "
+        "variable: unset it in this shell and set it in the environment of `aemnist worker` "
+        "instead\n"
+    )
 
 
 def test_deployment_run_logs_runs_metrics_artifacts_and_model_to_the_tracking_server(

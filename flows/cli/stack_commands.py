@@ -12,7 +12,8 @@ import time
 from typing import TYPE_CHECKING
 
 from aemnist.workdir import LOCK_NAME
-from deployments.stack import LOOPBACK, WORK_POOL, StackError
+from deployments.discovery import PREFECT_PORT
+from deployments.stack import JOB_ENV, LOOPBACK, PROJECT_ROOT, ROOT_ENV, WORK_POOL, StackError
 from flows.cli.options import add_auth, add_host, add_port, add_workdir
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def add_server(commands: Commands) -> None:
     )
     add_workdir(server)
     add_host(server, "both servers bind")
-    add_port(server, "--prefect-port", 4200)
+    add_port(server, "--prefect-port", PREFECT_PORT)
     add_port(server, "--mlflow-port", 5000)
     server.add_argument(
         "--timeout",
@@ -113,6 +114,7 @@ def add_worker(commands: Commands) -> None:
 def _server(args: argparse.Namespace) -> int:
     from aemnist.data import ensure_writable
     from deployments.auth import load_or_create_credentials, require_auth_off_loopback
+    from deployments.discovery import Endpoints, write_endpoints
     from deployments.postgres import OWN_CLUSTER, open_database, parse_database
     from deployments.servers import (
         check_port_free,
@@ -161,6 +163,8 @@ def _server(args: argparse.Namespace) -> int:
         )  # fmt: skip
         services = [prefect, mlflow]
         wait_until_ready(services, args.timeout)
+        # `aemnist run --workdir` on this work dir finds these servers and runs on them.
+        write_endpoints(workdir, Endpoints(f"{prefect.url}/api", mlflow.url, os.getpid()))
         if credentials_file is None:
             access = "no authentication (loopback only; --auth to require it)"
             load = ""
@@ -234,6 +238,11 @@ def _deploy(args: argparse.Namespace) -> int:
     print(f"Work pool {WORK_POOL!r} (process) {'created' if created else 'exists'} on {api}")
     names = deploy_study(os.environ)
     print(f"Deployments: {', '.join(names)}")
+    recorded = [name for name in JOB_ENV if os.environ.get(name)]
+    print(
+        f"Their runs start in {os.environ.get(ROOT_ENV) or PROJECT_ROOT}, with "
+        + (f"{' and '.join(recorded)} as in this shell" if recorded else "the worker's environment")
+    )
     print("Next: `aemnist worker`, then for instance `prefect deployment run study/smoke` "
           "(override any parameter with --param NAME=VALUE)")  # fmt: skip
     return 0
@@ -259,9 +268,12 @@ def _worker(args: argparse.Namespace) -> int:
     tracking = os.environ.get(TRACKING_ENV)
     if tracking:
         check_reachable(tracking)
-        print(f"Runs log to the MLflow tracking server {tracking}")
+        print(f"Runs log to {tracking}, unless their deployment names another tracking server")
     else:
-        print("MLFLOW_TRACKING_URI is not set: runs log to the embedded store of their work dir")
+        print(
+            "MLFLOW_TRACKING_URI is not set: runs log where their deployment says, else to the "
+            "embedded store of their work dir"
+        )
     command = worker_command(args.pool, args.limit, args.name)
     print(f"Worker on pool {args.pool!r} at {api}: {' '.join(command[2:])}", flush=True)
     # Prefect's worker runs as our child rather than in our place, so that a SIGHUP (a closed

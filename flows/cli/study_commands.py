@@ -33,7 +33,9 @@ from deployments.dask_tls import (
     parse_dask_security,
     tls_from_dask_config,
 )
+from deployments.discovery import PREFECT_PORT, find_servers, prefect_database, server_dir
 from deployments.servers import (
+    DATABASE_ENVS,
     TemporaryPrefectServer,
     check_prefect_credentials,
     handle_stop_signals,
@@ -44,6 +46,8 @@ from deployments.stack import PREFECT_API_ENV, StackError
 from flows.cli.options import add_config_options, add_workdir, study_config
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
     from flows.cli.options import Commands
 
 # Seconds a run stopped by SIGINT, SIGTERM or SIGHUP has to wind down (its flow and MLflow run
@@ -176,11 +180,14 @@ def _run(args: argparse.Namespace) -> int:
         if workdir.is_dir():
             with contextlib.suppress(OSError):  # not writable: `_run_study` says so
                 _lock_workdir(workdir)
-        # The server starts first: its seconds of start-up overlap the imports and checks
-        # below.
-        if configured := os.environ.get(PREFECT_API_ENV):
+        configured = os.environ.get(PREFECT_API_ENV)
+        api = None
+        if configured:
             check_prefect_credentials(configured.rstrip("/"))
-        api = None if configured else TemporaryPrefectServer()
+        elif not _use_workdir_servers(workdir):
+            # The server starts first: its seconds of start-up overlap the imports and checks
+            # below.
+            api = _temporary_server(config, args.workdir)
         return _run_study(args, config, api, started, dask_security)
     except WorkdirLocked as exc:
         print(f"aemnist: error: {exc}", file=sys.stderr)
@@ -189,6 +196,52 @@ def _run(args: argparse.Namespace) -> int:
         if (signum := stop_signal()) is not None:  # it said so on stderr when it came
             return stop_exit_code(signum)
         raise
+
+
+def _use_workdir_servers(workdir: Path) -> bool:
+    """Point this run at the Prefect server of an `aemnist server` serving ``workdir``, if one
+    runs. MLflow stays the work dir's store, which that command's MLflow server serves: the
+    run shows there at once, and an experiment this run creates keeps its artifacts in the
+    work dir, readable by runs without the server too (one created through the server keeps
+    them behind its artifact proxy, which a run without it cannot reach)."""
+    servers = find_servers(workdir)
+    if servers is None:
+        return False
+    os.environ[PREFECT_API_ENV] = servers.prefect_api_url
+    check_prefect_credentials(servers.prefect_api_url)
+    print(
+        f"Running on the Prefect server of `aemnist server` in {workdir} (process "
+        f"{servers.pid}): {servers.prefect_api_url}",
+        flush=True,
+    )
+    return True
+
+
+def _temporary_server(config: StudyConfig, workdir: Path) -> TemporaryPrefectServer:
+    """This run's own Prefect server, on a database that outlives it, so that the run's flow
+    and task runs, logs and artifacts stay browsable after the server stops with the run:
+    the work dir's (WORKDIR/server/prefect.db) where `aemnist server --workdir` has made one,
+    so that every flow run of the work dir shows in one place; else Prefect's default, in
+    PREFECT_HOME, which `prefect server start` opens (a new database costs its migrations,
+    about 8 s: once per Prefect home, not once per work dir)."""
+    if config.runtime.device == "cuda":
+        # A GPU this machine lacks is named before the work dir is created (checking takes
+        # torch: only a run that insists on CUDA gives up the overlap with the server).
+        from aemnist.plan import resolve_study
+
+        resolve_study(config, workdir)
+    workdir = workdir.resolve()
+    state = server_dir(workdir)
+    try:
+        workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        state.mkdir(mode=0o700, exist_ok=True)
+        writable = os.access(state, os.W_OK)
+    except OSError:
+        writable = False
+    # Not writable: `_run_study` says so in one line; meanwhile the server keeps Prefect's
+    # default database rather than failing on this one with messages of its own.
+    database = prefect_database(workdir)
+    return TemporaryPrefectServer(database if writable and database.exists() else None)
 
 
 def _run_study(
@@ -219,8 +272,15 @@ def _run_study(
 
     if api is not None:
         api.ready()
-    with _heartbeats_off() if api is not None else contextlib.nullcontext():
-        report = study(
+    # The flow run, recorded as it starts, for the lines that say where to browse it.
+    flow_runs: list[FlowRun] = []
+
+    def remember(flow: object, flow_run: FlowRun, state: object) -> None:
+        flow_runs.append(flow_run)
+
+    browse = _BrowseHint(flow_runs, workdir, api)
+    with _heartbeats_off() if api is not None else contextlib.nullcontext(), browse:
+        report = study.with_options(on_running=[remember])(
             profile=config.profile,
             workdir=str(workdir),
             config_file=str(args.config.resolve()) if args.config else None,
@@ -235,6 +295,8 @@ def _run_study(
             task_runner=args.task_runner,
             dask_address=args.dask_address,
             dask_security=dask_security,
+            # No other study shares a temporary server: no slots to share there.
+            share_slots=api is None,
         )
     tracking = os.environ.get(TRACKING_ENV)
     print(f"\nStudy ({config.profile}) finished in {time.monotonic() - started:.0f} s.")
@@ -245,7 +307,60 @@ def _run_study(
         print(f"MLflow runs: {runs}")
     else:
         print(f"MLflow UI:  aemnist ui --workdir {workdir}   then open {runs}")
+    browse.tell()
     return 0
+
+
+class _BrowseHint:
+    """The line that says where to browse the run's flow run (its graph, logs and artifacts)
+    in the Prefect UI: the run's last, or printed as it fails."""
+
+    def __init__(
+        self, runs: list[FlowRun], workdir: Path, temporary: TemporaryPrefectServer | None
+    ) -> None:
+        self.runs, self.workdir, self.temporary = runs, workdir, temporary
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self.tell()
+
+    def tell(self) -> None:
+        if self.runs:
+            _tell(_flow_run_lines(self.runs[0], self.workdir, self.temporary))
+
+
+def _flow_run_lines(
+    flow_run: FlowRun, workdir: Path, temporary: TemporaryPrefectServer | None
+) -> str:
+    from prefect.utilities.urls import url_for
+
+    if temporary is None:
+        url = url_for("flow-run", obj_id=flow_run.id)
+        return f"Prefect flow run {flow_run.name!r}: {url or flow_run.id}"
+    page = f"http://127.0.0.1:{PREFECT_PORT}/runs/flow-run/{flow_run.id}"
+    if any(name in os.environ for name in DATABASE_ENVS):  # a database of the user's
+        return (
+            f"Prefect flow run {flow_run.name!r}: to browse it, `prefect server start` with "
+            f"the same database settings, then open {page}"
+        )
+    if temporary.database is None:
+        return (
+            f"Prefect flow run {flow_run.name!r} (in Prefect's database in PREFECT_HOME): to "
+            f"browse it, `prefect server start`, then open {page}"
+        )
+    return (
+        f"Prefect flow run {flow_run.name!r} (in {prefect_database(workdir)}): to browse it, "
+        f"`aemnist server --workdir {workdir}`, then open {page}"
+    )
+
+
+def _tell(line: str) -> None:
+    """Print, unless the terminal has gone (a SIGHUP)."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 # The work-dir locks this process holds, until it ends (the kernel then releases them): task

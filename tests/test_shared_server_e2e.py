@@ -1,0 +1,256 @@
+"""One Prefect server for local runs, and training slots across flow runs, all real and on
+loopback: `aemnist server` on a work dir, two smoke studies run at once against it (one
+finding it through its work dir's discovery file, one through PREFECT_API_URL) with one
+training slot between them, then cached re-runs: one while the test holds that slot, one
+after the server stopped, on the run's own temporary server."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import closing, contextmanager, suppress
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import REPO_ROOT, cli_env, nested_runs, run_cli, smoke_parents, smoke_run
+from mlflow import MlflowClient
+from test_production_e2e import Background, aemnist
+
+from aemnist.tracking import embedded_tracking_uri
+from deployments.servers import prefect_request
+
+# Fewer training tasks than the smoke profile's nine, one slot: 3 folds, 2 sizes, 1 final.
+ONE_SLOT = "[runtime]\nworkers = 1\n[grid]\nlearning_rates = [0.01]\n"
+TRAINING = ("grid lr=", "sweep size=", "final size=")
+SLOTS = f"aemnist-cpu-{socket.gethostname()}"
+
+
+@dataclass
+class Server:
+    root: Path
+    workdir: Path
+    prefect_api: str
+    mlflow_uri: str
+    process: Background
+
+    def get(self, path: str) -> Any:
+        return prefect_request(self.prefect_api, path)
+
+    def post(self, path: str, body: dict) -> Any:
+        """A POST as Prefect's client sends it (with a CSRF token)."""
+        return prefect_request(self.prefect_api, path, body)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Iterator[Server]:
+    root = tmp_path_factory.mktemp("shared")
+    workdir = root / "served"
+    env = cli_env(root / "home", {"AEMNIST_MNIST_MIRROR": str(mnist_mirror)})
+    args = ["server", "--workdir", str(workdir), "--prefect-port", "0", "--mlflow-port", "0"]
+    process = aemnist(args, env, root / "server.log")
+    try:
+        output = process.wait_for("Ctrl-C stops both servers", timeout=300)
+        prefect_api = re.search(r"export PREFECT_API_URL=(\S+)", output).group(1)
+        mlflow_uri = re.search(r"export MLFLOW_TRACKING_URI=(\S+)", output).group(1)
+        yield Server(root, workdir, prefect_api, mlflow_uri, process)
+    finally:
+        process.stop()
+
+
+@dataclass
+class Study:
+    workdir: Path
+    tracking: str  # where its MLflow runs are
+    stdout: str
+
+    def flow_run_id(self) -> str:
+        match = re.search(r"/runs/flow-run/([0-9a-f-]{36})\n", self.stdout)
+        assert match, self.stdout[-2000:]
+        return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def two_studies(server: Server, mnist_mirror: Path) -> tuple[Study, Study]:
+    """Two smoke studies started together with one training slot: one in the server's work
+    dir, without PREFECT_API_URL (it finds the server there, and logs to the work dir's MLflow
+    store, which the server's MLflow server serves), one in a work dir of its own with
+    PREFECT_API_URL set (it logs to its own MLflow store)."""
+    config = server.root / "one-slot.toml"
+    config.write_text(ONE_SLOT)
+    own = server.root / "own"
+    home = server.root / "home"
+    runs = {
+        "served": (server.workdir, {}),
+        "own": (own, {"PREFECT_API_URL": server.prefect_api}),
+    }
+    processes = {}
+    for name, (workdir, extra) in runs.items():
+        args = smoke_run(workdir, mnist_mirror, "--config", str(config))
+        processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", *args],
+            cwd=REPO_ROOT,
+            env=cli_env(home, extra),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    outputs = {}
+    try:
+        for name, process in processes.items():
+            stdout, stderr = process.communicate(timeout=900)
+            assert process.returncode == 0, f"{name}:\n{stdout[-3000:]}\n{stderr[-3000:]}"
+            outputs[name] = stdout
+    finally:
+        for process in processes.values():  # one failed: the other is not left running
+            if process.poll() is None:
+                process.terminate()
+                process.communicate(timeout=60)
+    return (
+        Study(server.workdir, server.mlflow_uri, outputs["served"]),
+        Study(own, embedded_tracking_uri(own), outputs["own"]),
+    )
+
+
+def training_spans(study: Study) -> list[tuple[int, int, str]]:
+    """(start, end, name) in ms of the training runs of ``study``'s first parent run."""
+    client = MlflowClient(study.tracking)
+    parent = smoke_parents(client)[0]
+    runs = nested_runs(client, parent.info.run_id)
+    return [
+        (run.info.start_time, run.info.end_time, name)
+        for name, run in runs.items()
+        if name.startswith(TRAINING)
+    ]
+
+
+def test_two_studies_on_one_server_never_train_more_models_at_once_than_its_slots(
+    server: Server, two_studies: tuple[Study, Study]
+) -> None:
+    served, own = two_studies
+    # The run in the server's work dir found the server; both ran their flows on it.
+    assert f"Running on the Prefect server of `aemnist server` in {served.workdir}" in (
+        served.stdout
+    )
+    assert "Running on the Prefect server" not in own.stdout
+    flow_run_ids = {served.flow_run_id(), own.flow_run_id()}
+    for flow_run_id in flow_run_ids:
+        assert server.get(f"/flow_runs/{flow_run_id}")["state_type"] == "COMPLETED"
+
+    spans = {study.workdir.name: training_spans(study) for study in two_studies}
+    assert all(len(found) == 6 for found in spans.values()), spans
+    # The two studies trained during the same minutes: without the limit, their tasks
+    # would have overlapped ...
+    (first_a, *_, last_a), (first_b, *_, last_b) = (sorted(s) for s in spans.values())
+    assert max(first_a[0], first_b[0]) < min(last_a[1], last_b[1]), spans
+    # ... with one slot on this machine, no two training runs did, across both studies.
+    every = sorted(spans["served"] + spans["own"])
+    overlaps = [(a[2], b[2]) for a, b in pairwise(every) if b[0] < a[1]]
+    assert not overlaps, every
+
+    limit = server.get(f"/v2/concurrency_limits/{SLOTS}")
+    assert (limit["limit"], limit["active_slots"]) == (1, 0)
+
+
+def test_flow_runs_are_named_after_profile_seed_and_config_and_task_runs_tagged(
+    server: Server, two_studies: tuple[Study, Study]
+) -> None:
+    served, _ = two_studies
+    flow_run_id = served.flow_run_id()
+    parent = smoke_parents(MlflowClient(served.tracking))[0]
+    name = f"smoke seed=0 config={parent.data.tags['config_hash'][:12]}"
+    assert server.get(f"/flow_runs/{flow_run_id}")["name"] == name
+    # The run's last line names it and links to it in the server's UI.
+    ui = server.prefect_api.removesuffix("/api")
+    assert served.stdout.rstrip().splitlines()[-1] == (
+        f"Prefect flow run {name!r}: {ui}/runs/flow-run/{flow_run_id}"
+    )
+
+    def tagged(*tags: str) -> list[str]:
+        body = {
+            "flow_runs": {"id": {"any_": [flow_run_id]}},
+            "task_runs": {"tags": {"all_": list(tags)}},
+        }
+        return sorted(run["name"] for run in server.post("/task_runs/filter", body))
+
+    assert tagged("stage:grid", "device:cpu") == [
+        f"grid lr=0.01 wd=1e-05 fold={k}" for k in range(3)
+    ]
+    assert tagged("stage:sweep", "device:cpu") == ["sweep size=4", "sweep size=8"]
+    assert tagged("stage:grid-summary") == ["grid summary"]
+    assert tagged("device:cpu", "stage:download") == []  # the download computes on no device
+
+
+def test_endpoints_file_is_private_and_names_the_running_servers(server: Server) -> None:
+    path = server.workdir / "server" / "endpoints.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    found = json.loads(path.read_text())
+    assert found["prefect_api_url"] == server.prefect_api
+    assert found["mlflow_tracking_uri"] == server.mlflow_uri
+    assert found["pid"] == server.process.process.pid
+
+
+@contextmanager
+def holding_every_slot(server: Server) -> Iterator[None]:
+    """The test holds this machine's one training slot (as a study training elsewhere
+    would) while the body runs."""
+    lease = server.post(
+        "/v2/concurrency_limits/increment-with-lease",
+        {"names": [SLOTS], "slots": 1, "mode": "concurrency", "lease_duration": 900},
+    )
+    try:
+        assert server.get(f"/v2/concurrency_limits/{SLOTS}")["active_slots"] == 1
+        yield
+    finally:
+        # It answers 204, no body: nothing for the JSON decoder.
+        with suppress(ValueError):
+            server.post(
+                "/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease["lease_id"]}
+            )
+
+
+def test_a_cached_rerun_takes_no_training_slot_and_after_the_server_stops_its_database_keeps_both(
+    server: Server, two_studies: tuple[Study, Study], mnist_mirror: Path
+) -> None:
+    served, _ = two_studies
+    config = server.root / "one-slot.toml"
+    args = smoke_run(served.workdir, mnist_mirror, "--config", str(config))
+    home = server.root / "home"
+    # Every slot taken: a task that waited for one would hang here until the timeout.
+    with holding_every_slot(server):
+        cached = run_cli(args, home=home, timeout=300)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    client = MlflowClient(served.tracking)
+    rerun = smoke_parents(client)[-1]
+    assert not [n for n in nested_runs(client, rerun.info.run_id) if n.startswith(TRAINING)]
+
+    # Without the server, the run's temporary server keeps the flow run in the database
+    # `aemnist server --workdir` opens: the earlier runs and this one side by side.
+    assert server.process.stop() == 0
+    assert not (served.workdir / "server" / "endpoints.json").exists()
+    alone = run_cli(args, home=home, timeout=300)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "Running on the Prefect server" not in alone.stdout
+    database = served.workdir / "server" / "prefect.db"
+    last = alone.stdout.rstrip().splitlines()[-1]
+    in_db, workdir = re.escape(str(database)), re.escape(str(served.workdir))
+    match = re.fullmatch(
+        rf"Prefect flow run '(smoke seed=0 config=[0-9a-f]{{12}})' \(in {in_db}\): to browse "
+        rf"it, `aemnist server --workdir {workdir}`, then open "
+        r"http://127\.0\.0\.1:4200/runs/flow-run/([0-9a-f-]{36})",
+        last,
+    )
+    assert match, last
+    with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        rows = db.execute("SELECT id, name, state_type FROM flow_run").fetchall()
+    by_id = {row[0]: row[1:] for row in rows}
+    for flow_run_id in (served.flow_run_id(), match.group(2)):
+        assert by_id[flow_run_id] == (match.group(1), "COMPLETED")
