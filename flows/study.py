@@ -36,6 +36,7 @@ from aemnist.config import (
     run_overrides,
 )
 from aemnist.runtime import prepare_device, with_resolved_device
+from aemnist.workdir import hold_workdir
 from deployments.dask_tls import DaskTLS
 from tasks.aggregate import summarise_grid, summarise_sweep
 from tasks.caching import result_storage, submit_job
@@ -88,7 +89,7 @@ def prepare_study(
     The mirror (``mnist_mirror``, else AEMNIST_MNIST_MIRROR) is checked here, before any
     task, and enters the study redacted: the download task reads a URL's credentials from
     AEMNIST_MNIST_MIRROR, so that they reach no Prefect task run, MLflow run or log."""
-    from aemnist.data import check_mirror, has_secrets, redact_url
+    from aemnist.data import check_mirror, ensure_writable, has_secrets, redact_url
 
     config = load_config(profile, Path(config_file) if config_file else None, overrides)
     configured = os.environ.get(MIRROR_ENV) or None
@@ -108,6 +109,10 @@ def prepare_study(
             )
     study = plan.resolve_study(config, Path(workdir), redact_url(mirror) if mirror else None, redo)
     prepare_device(study.config.runtime.device)
+    # One study at a time in a work dir, on every launch path: `aemnist run` holds the lock
+    # already; a deployment run takes it here, before any task writes there.
+    ensure_writable(study.layout.root)
+    hold_workdir(study.layout.root)
     return study
 
 

@@ -7,6 +7,7 @@ headless Chromium, and the fan-out on a Dask cluster of two worker processes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -43,6 +44,7 @@ from cli_helpers import (
 from mlflow import MlflowClient
 
 from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
+from aemnist.workdir import lock_workdir
 from deployments.auth import CREDENTIALS_FILE, Credentials, read_credentials
 from deployments.servers import prefect_request
 
@@ -974,6 +976,18 @@ def test_a_deployment_run_honours_runtime_workers_and_gives_the_cli_runs_tables(
         )  # fmt: skip
         flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout).group(1)
         assert stack.wait_for_flow_run(flow_run_id) == "COMPLETED", worker.output()[-5000:]
+        # A deployment run takes the work dir's lock too: while another process holds it
+        # (here this one, as a running `aemnist run` would), the run stops before any task.
+        with lock_workdir(deployed_dir):
+            second = stack.run_deployment("study/smoke", deployed_dir)
+            assert stack.wait_for_flow_run(second) == "FAILED"
+        logs = stack.api("/logs/filter", {"logs": {"flow_run_id": {"any_": [second]}}})
+        assert any(
+            f"work dir {deployed_dir} is in use by process {os.getpid()}" in log["message"]
+            for log in logs
+        ), [log["message"] for log in logs][-5:]
+        tasks = stack.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [second]}}})
+        assert tasks == []
 
     client = MlflowClient(stack.mlflow_uri)
     (parent,) = parents_of(client, flow_run_id)

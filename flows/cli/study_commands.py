@@ -4,7 +4,6 @@ PREFECT_API_URL names one), `status` and `report`."""
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import importlib.util
 import json
@@ -26,7 +25,8 @@ from aemnist.config import (
 )
 from aemnist.layout import Layout
 from aemnist.plan import STAGES
-from aemnist.workdir import WorkdirLock, WorkdirLocked, lock_workdir
+from aemnist.workdir import WorkdirLocked, hold_workdir
+from deployments.auth import CREDENTIALS_FILE, PREFECT_AUTH_ENV, read_credentials
 from deployments.dask_tls import (
     DaskTLS,
     check_dask_scheduler,
@@ -179,7 +179,7 @@ def _run(args: argparse.Namespace) -> int:
         workdir = args.workdir.resolve()
         if workdir.is_dir():
             with contextlib.suppress(OSError):  # not writable: `_run_study` says so
-                _lock_workdir(workdir)
+                hold_workdir(workdir)
         configured = os.environ.get(PREFECT_API_ENV)
         api = None
         if configured:
@@ -208,6 +208,11 @@ def _use_workdir_servers(workdir: Path) -> bool:
     if servers is None:
         return False
     os.environ[PREFECT_API_ENV] = servers.prefect_api_url
+    credentials = server_dir(workdir) / CREDENTIALS_FILE
+    if credentials.exists() and not os.environ.get(PREFECT_AUTH_ENV):
+        # The work dir's own server, started with --auth: its credentials are the owner's
+        # (read_credentials refuses a file anyone else could read or write).
+        os.environ[PREFECT_AUTH_ENV] = read_credentials(credentials).prefect_auth_string
     check_prefect_credentials(servers.prefect_api_url)
     print(
         f"Running on the Prefect server of `aemnist server` in {workdir} (process "
@@ -263,7 +268,7 @@ def _run_study(
     ensure_writable(workdir)
     # One run at a time in a work dir: a second stops here (if not before), naming the first's
     # process id.
-    _lock_workdir(workdir)
+    hold_workdir(workdir)
     # Opens (creates, migrates) the MLflow store now, while the server starts; or fails
     # fast when a tracking server does not answer.
     experiment_id = open_store(resolve_tracking_uri(workdir), workdir)
@@ -361,19 +366,6 @@ def _tell(line: str) -> None:
     """Print, unless the terminal has gone (a SIGHUP)."""
     with contextlib.suppress(OSError):
         print(line, flush=True)
-
-
-# The work-dir locks this process holds, until it ends (the kernel then releases them): task
-# threads a signal cut short may still write to the work dir while the process winds down.
-_held_locks: list[WorkdirLock] = []
-
-
-def _lock_workdir(workdir: Path) -> None:
-    """Hold the lock of ``workdir`` until this process ends; raises ``WorkdirLocked``."""
-    if not any(lock.path.parent == workdir for lock in _held_locks):
-        lock = lock_workdir(workdir)
-        _held_locks.append(lock)
-        atexit.register(lock.release)  # an orderly exit empties the file
 
 
 def _heartbeats_off() -> contextlib.AbstractContextManager[object]:
