@@ -89,7 +89,7 @@ def prepare_study(
     The mirror (``mnist_mirror``, else AEMNIST_MNIST_MIRROR) is checked here, before any
     task, and enters the study redacted: the download task reads a URL's credentials from
     AEMNIST_MNIST_MIRROR, so that they reach no Prefect task run, MLflow run or log."""
-    from aemnist.data import check_mirror, ensure_writable, has_secrets, redact_url
+    from aemnist.data import check_mirror, has_secrets, redact_url
 
     config = load_config(profile, Path(config_file) if config_file else None, overrides)
     configured = os.environ.get(MIRROR_ENV) or None
@@ -109,10 +109,6 @@ def prepare_study(
             )
     study = plan.resolve_study(config, Path(workdir), redact_url(mirror) if mirror else None, redo)
     prepare_device(study.config.runtime.device)
-    # One study at a time in a work dir, on every launch path: `aemnist run` holds the lock
-    # already; a deployment run takes it here, before any task writes there.
-    ensure_writable(study.layout.root)
-    hold_workdir(study.layout.root)
     return study
 
 
@@ -292,6 +288,12 @@ def study(
         run_overrides(seed, device, repeats),
         plan.refreshed_stages(fresh, refresh),
     )
+    # One study at a time in a work dir, on every launch path: `aemnist run` holds the lock
+    # already; a deployment run takes it here, before any task writes there.
+    from aemnist.data import ensure_writable
+
+    ensure_writable(resolved.layout.root)
+    hold_workdir(resolved.layout.root)
     if share_slots:
         slots = set_training_slots(resolved.config.runtime.device, resolved.workers)
         resolved = dataclasses.replace(resolved, slots=slots)
