@@ -8,9 +8,9 @@ Prefect's temporary server, task submission, states, result persistence.
 
     python bench/overhead.py [--profile smoke] [--prefect-home DIR]
 
-The fresh run's temporary Prefect server creates and migrates its database (in the new
-work dir, WORKDIR/server/prefect.db), as on a user's first run in a work dir; the re-run
-reuses it. --prefect-home sets PREFECT_HOME (default: a new temporary one).
+The fresh run's temporary Prefect server opens Prefect's database in PREFECT_HOME (creating
+and migrating it in a new home, as on a user's very first run); the re-run reuses it.
+--prefect-home sets PREFECT_HOME (default: a new temporary one).
 """
 
 from __future__ import annotations
