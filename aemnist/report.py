@@ -644,9 +644,9 @@ def targets_over_seeds(targets: Sequence[Target], config: StudyConfig) -> str:
     def row(t: Target) -> list[str]:
         verdict = "tie" if t.tie else "met" if t.met else "**missed**"
         spread = t.spread
-        if spread is None:
-            return [t.name, DASH, t.ours, DASH, DASH, verdict]
         seed = DASH if t.seed is None else f"{t.seed:g}"
+        if spread is None:  # no number of ours (a ranking, the settings, a size not swept)
+            return [t.name, seed, t.ours, DASH, DASH, verdict]
         if spread.n == 1:
             return [t.name, seed, fmt_loss(spread.mean), DASH, DASH, verdict]
         return [

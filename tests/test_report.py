@@ -580,6 +580,8 @@ def test_with_several_seeds_the_report_says_how_often_the_seeds_agree_and_gives_
         targets
     )
     assert "otherwise a **tie**" in targets
+    # A size the sweep did not train: the seed's number, no distribution of ours.
+    assert "| 0.044586 | — | — | — | **missed** |" in targets
     assert re.search(r"\*\*\d of 7 targets met\.\*\*", targets)  # no tie: sizes 12+ missing
     metrics = seed_comparison(tables)
     assert metrics["seeds_agreeing.table1_best"] == 1.0
