@@ -94,6 +94,16 @@ def code_version(stage: str) -> str:
     return digest.hexdigest()
 
 
+def _keyed(f: dataclasses.Field, value: Any) -> bool:
+    """Whether a job's field enters its key: key=False marks one that does not change numbers
+    (where a task waits); key="unless-default" one added after jobs were keyed, left out at
+    its default so that the jobs it does not change keep their keys."""
+    how = f.metadata.get("key", True)
+    if how == "unless-default":
+        return value != f.default
+    return bool(how)
+
+
 def fingerprint(value: Any) -> Any:
     """A JSON-able value that changes exactly when ``value``'s meaning does.
 
@@ -106,7 +116,7 @@ def fingerprint(value: Any) -> Any:
         return {
             f.name: fingerprint(getattr(value, f.name))
             for f in dataclasses.fields(value)
-            if f.metadata.get("key", True)  # a field marked key=False does not change numbers
+            if _keyed(f, getattr(value, f.name))
         }
     if hasattr(value, "model_dump"):  # a pydantic model (the config's sections)
         return fingerprint(value.model_dump())

@@ -157,6 +157,13 @@ class GridConfig(_Section):
         description="encoding size of the grid search's models; the seed does not state it, "
         "the laboratory default is 6",
     )
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="seeds the grid is trained with (the same folds, other initial weights "
+        "and batches): Table 1 then gives mean ± standard deviation over them of each seed's "
+        "mean over folds; repeat 0 is the study's own seed",
+    )
 
 
 class SweepConfig(_Section):
@@ -321,8 +328,13 @@ class StudyConfig(_Section):
 
     def config_hash(self) -> str:
         # Over plain lists, ints and floats, in sorted keys: the same digest as the dataclass
-        # config gave, so earlier work dirs and MLflow runs keep their hash.
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        # config gave, so earlier work dirs and MLflow runs keep their hash. A field added
+        # since is left out at its default (LATER_FIELDS), for the same reason.
+        raw = self.to_dict()
+        for (section, name), default in LATER_FIELDS.items():
+            if raw[section][name] == default:
+                del raw[section][name]
+        text = json.dumps(raw, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
     def with_overrides(self, overrides: dict[str, Any]) -> StudyConfig:
@@ -330,6 +342,11 @@ class StudyConfig(_Section):
         again. The frozen models' ``model_copy(update=...)`` would skip validation and replace
         a whole section by a nested dict."""
         return from_dict(merge(self.to_dict(), overrides))
+
+
+# Fields added after config hashes were first recorded, with the default that leaves a study
+# as it was before them: left out of the hash at that default.
+LATER_FIELDS: dict[tuple[str, str], Any] = {("grid", "repeats"): 1}
 
 
 def _plain(value: Any) -> Any:
@@ -417,7 +434,8 @@ def run_overrides(
         out["seed"] = seed
     if device is not None:
         out["runtime"] = {"device": device}
-    if repeats is not None:
+    if repeats is not None:  # --repeats N: every training stage with N seeds
+        out["grid"] = {"repeats": repeats}
         out["sweep"] = {"repeats": repeats}
     return out
 

@@ -33,8 +33,11 @@ def size_label(stage: str, size: int, repeat: int = 0) -> str:
     return f"{stage} size={size}" + (f" repeat={repeat}" if repeat else "")
 
 
-def grid_label(lr: float, weight_decay: float, fold: int) -> str:
-    return f"grid lr={lr:g} wd={weight_decay:g} fold={fold}"
+def grid_label(lr: float, weight_decay: float, fold: int, repeat: int = 0) -> str:
+    """A grid task's name; repeat 0 keeps the single-seed name."""
+    return f"grid lr={lr:g} wd={weight_decay:g} fold={fold}" + (
+        f" repeat={repeat}" if repeat else ""
+    )
 
 
 @dataclass(frozen=True)
@@ -118,12 +121,15 @@ class FoldJob:
     training: TrainingConfig
     seed: int
     compute: Compute
+    # Which seed (0: the study's own). Keyed only when not 0, so that a study without
+    # repeats keeps the cache keys it had before the grid repeated.
+    repeat: int = field(default=0, metadata={"key": "unless-default"})
 
     stage = "grid"
 
     @property
     def label(self) -> str:
-        return grid_label(self.lr, self.weight_decay, self.fold)
+        return grid_label(self.lr, self.weight_decay, self.fold, self.repeat)
 
     @property
     def checkpoint(self) -> Path:
@@ -131,7 +137,7 @@ class FoldJob:
 
     @property
     def output(self) -> Path:
-        return self.layout.grid_history(self.lr, self.weight_decay, self.fold)
+        return self.layout.grid_history(self.lr, self.weight_decay, self.fold, self.repeat)
 
     @property
     def fault_key(self) -> dict[str, Any]:
@@ -154,6 +160,7 @@ class FoldJob:
             "lr": self.lr,
             "weight_decay": self.weight_decay,
             "fold": self.fold,
+            "repeat": self.repeat,
             "size": self.size,
             "epochs": self.epochs,
             "batch_size": self.training.batch_size,
@@ -224,6 +231,9 @@ class SummaryJob:
     layout: Layout
     histories: tuple[TableRef, ...]
     score_last: int = 0  # Table 2: the last epochs a size is scored on
+    # Table 1: the repeat (seed) of each history, in order; empty when the grid ran once (its
+    # histories carry no repeat column). Keyed only when given, as FoldJob.repeat.
+    repeats: tuple[int, ...] = field(default=(), metadata={"key": "unless-default"})
 
     @property
     def label(self) -> str:

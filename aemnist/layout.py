@@ -59,8 +59,9 @@ class Layout:
     def folds(self) -> Path:
         return self.root / "folds.parquet"
 
-    def grid_history(self, lr: float, weight_decay: float, fold: int) -> Path:
-        return self.root / "grid" / f"lr={_num(lr)}_wd={_num(weight_decay)}_fold={fold}.parquet"
+    def grid_history(self, lr: float, weight_decay: float, fold: int, repeat: int = 0) -> Path:
+        name = f"lr={_num(lr)}_wd={_num(weight_decay)}_fold={fold}{_repeat(repeat)}"
+        return self.root / "grid" / f"{name}.parquet"
 
     @property
     def grid_summary(self) -> Path:

@@ -125,12 +125,15 @@ def _mnist(results: Results) -> tuple[TableRef, TableRef]:
     return tables["train"], tables["test"]
 
 
-def grid_cells(config: StudyConfig) -> list[tuple[float, float, int]]:
+def grid_cells(config: StudyConfig) -> list[tuple[float, float, int, int]]:
+    """(lr, weight decay, fold, repeat) of every grid task; with one repeat, in the order
+    the grid had before it repeated."""
     return [
-        (lr, wd, fold)
+        (lr, wd, fold, repeat)
         for lr in config.grid.learning_rates
         for wd in config.grid.weight_decays
         for fold in range(config.grid.folds)
+        for repeat in range(config.grid.repeats)
     ]
 
 
@@ -187,8 +190,9 @@ def _grid(study: Study, results: Results) -> list[Job]:
             c.training,
             c.seed,
             study.compute(),
+            repeat,
         )  # fmt: skip
-        for lr, wd, fold in grid_cells(c)
+        for lr, wd, fold, repeat in grid_cells(c)
     ]
 
 
@@ -224,7 +228,11 @@ def _final(study: Study, results: Results) -> list[Job]:
 
 
 def _grid_summary(study: Study, results: Results) -> list[Job]:
-    return [SummaryJob("grid-summary", study.layout, tuple(results["grid"]))]
+    c = study.config
+    # Each history's repeat, from the job order (the histories carry no repeat column, so
+    # that a study without repeats writes the tables it wrote before).
+    repeats = tuple(cell[3] for cell in grid_cells(c)) if c.grid.repeats > 1 else ()
+    return [SummaryJob("grid-summary", study.layout, tuple(results["grid"]), repeats=repeats)]
 
 
 def _sweep_summary(study: Study, results: Results) -> list[Job]:
@@ -272,6 +280,10 @@ def _report(study: Study, results: Results) -> list[Job]:
         *results["corruption"],
         *results["embedding"],
     ]
+    c = study.config
+    if c.grid.repeats > 1 or c.sweep.repeats > 1:
+        # Several seeds: the report reads each seed's own best from the histories.
+        tables += [*results["grid"], *results["sweep"]]
     return [ReportJob(study.config, study.layout, tuple(tables))]
 
 
@@ -345,7 +357,8 @@ STAGES: dict[str, Stage] = {
             labels=_one("embedding"),
         ),
         Stage(
-            "report", ("grid-summary", "sweep-summary", "final", "corruption", "embedding"),
+            "report",
+            ("grid", "grid-summary", "sweep", "sweep-summary", "final", "corruption", "embedding"),
             (), ("aemnist.report",), _report, writes=_report_files, labels=_one("report"),
         ),
     )

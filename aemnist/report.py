@@ -3,6 +3,7 @@ ours (seed-report.txt). Reads only stored stage tables, so it can be rebuilt at 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import pandas as pd
 from aemnist.config import StudyConfig
 from aemnist.corruption import DEFINITIONS
 from aemnist.layout import Layout
+from aemnist.plan import grid_cells, sweep_cells
 from aemnist.reference import (
     SEED_BEST_LR,
     SEED_BEST_SIZE,
@@ -31,7 +33,14 @@ from aemnist.reference import (
     seed_grid_row,
 )
 from aemnist.schemas import TableError, atomic_write_bytes, read_frame
-from aemnist.summaries import score_column
+from aemnist.summaries import (
+    GRID_CELL,
+    agreement,
+    grid_seed_scores,
+    score_column,
+    seed_bests,
+    sweep_seed_scores,
+)
 
 DASH = "—"
 # An MLflow run or experiment id as the report's run record may hold it.
@@ -123,6 +132,11 @@ class StudyTables:
     embedding: pd.DataFrame
     embedding_metrics: dict[str, float]
     final_test_mses: tuple[float, ...] = ()  # one per seed (sweep.repeats), repeat 0 first
+    # Each seed's own scores, where a stage ran with several seeds (else None): Table 1's
+    # per (lr, weight decay) (summaries.grid_seed_scores), Table 2's per size
+    # (summaries.sweep_seed_scores).
+    grid_seeds: pd.DataFrame | None = None
+    sweep_seeds: pd.DataFrame | None = None
 
     @property
     def final_test_mse(self) -> float:
@@ -174,6 +188,36 @@ def load_tables(layout: Layout, repeats: int = 1) -> StudyTables:
         embedding=read_frame(layout.embedding, "embedding"),
         embedding_metrics=_metrics(layout.embedding_metrics),
     )
+
+
+def load_seed_scores(
+    layout: Layout, config: StudyConfig
+) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Each seed's scores of Table 1 and Table 2, from the stored histories of the stages
+    that ran with several seeds (None for one that ran with one)."""
+    grid = sweep = None
+    if config.grid.repeats > 1:
+        frames = [
+            read_frame(layout.grid_history(lr, wd, fold, repeat), "grid_history").assign(
+                repeat=repeat
+            )
+            for lr, wd, fold, repeat in grid_cells(config)
+        ]
+        grid = grid_seed_scores(pd.concat(frames, ignore_index=True))
+    if config.sweep.repeats > 1:
+        frames = [
+            read_frame(layout.sweep_history(size, repeat), "sweep_history")
+            for size, repeat in sweep_cells(config)
+        ]
+        sweep = sweep_seed_scores(pd.concat(frames, ignore_index=True), config.sweep.score_last)
+    return grid, sweep
+
+
+def load_study_tables(layout: Layout, config: StudyConfig) -> StudyTables:
+    """Every table the report of ``config``'s study reads, each seed's scores included."""
+    grid, sweep = load_seed_scores(layout, config)
+    tables = load_tables(layout, config.sweep.repeats)
+    return dataclasses.replace(tables, grid_seeds=grid, sweep_seeds=sweep)
 
 
 def report_figures(layout: Layout) -> list[Path]:
@@ -286,7 +330,7 @@ def header_section(config: StudyConfig, today: date, run: StudyRun | None = None
     )
 
 
-def table1_section(grid: pd.DataFrame, config: StudyConfig) -> str:
+def table1_section(grid: pd.DataFrame, config: StudyConfig, agreement: str = "") -> str:
     ours_rows = []
     for _, row in grid.sort_values("rank").iterrows():
         seed = seed_grid_row(row["lr"], row["weight_decay"])
@@ -326,7 +370,13 @@ def table1_section(grid: pd.DataFrame, config: StudyConfig) -> str:
             "",
             f"Ours: Adam, {g.folds}-fold cross-validation, {_count(g.epochs, 'epoch')}, "
             f"encoding size "
-            f"{g.size}; loss of the last epoch, mean ± standard deviation over folds.",
+            f"{g.size}; loss of the last epoch, "
+            + (
+                "mean ± standard deviation over folds."
+                if g.repeats == 1
+                else f"each seed's mean over the folds, then mean ± standard deviation over "
+                f"{g.repeats} seeds (the same folds, other initial weights and batches)."
+            ),
             "",
             md_table(
                 [
@@ -362,6 +412,7 @@ def table1_section(grid: pd.DataFrame, config: StudyConfig) -> str:
             f"{fmt_spread(best['val_loss_mean'], best['val_loss_std'])}). Seed: lr "
             f"{fmt_hp(SEED_BEST_LR)}, weight decay {fmt_hp(SEED_BEST_WEIGHT_DECAY)} "
             f"({fmt_loss(SEED_TABLE1[0].val_loss)}).",
+            *(["", agreement] if agreement else []),
         ]
     )
 
@@ -372,7 +423,9 @@ def figure_markdown(layout: Layout, key: str) -> str:
     return f"![Figure {fig.key}]({link.as_posix()})\n\n*Figure {fig.key}: {fig.caption}*"
 
 
-def table2_section(sweep: pd.DataFrame, config: StudyConfig, layout: Layout) -> str:
+def table2_section(
+    sweep: pd.DataFrame, config: StudyConfig, layout: Layout, agreement: str = ""
+) -> str:
     score = score_column(sweep)
     on_test = score == "test_loss"
     ours = {int(row["size"]): row for _, row in sweep.iterrows()}
@@ -417,6 +470,7 @@ def table2_section(sweep: pd.DataFrame, config: StudyConfig, layout: Layout) -> 
             "",
             f"**Best size: {int(best['size'])}** ({name} {fmt_loss(best[score])}). "
             f"Seed: {SEED_BEST_SIZE} ({fmt_loss(SEED_TABLE2[SEED_BEST_SIZE])}).",
+            *(["", agreement] if agreement else []),
             "",
             figure_markdown(layout, "1a"),
         ]
@@ -540,22 +594,138 @@ def embedding_section(tables: StudyTables, config: StudyConfig, layout: Layout) 
 
 
 def study_targets(tables: StudyTables) -> list[Target]:
-    """The paper profile's fidelity targets (aemnist.reference), checked on these tables."""
+    """The paper profile's fidelity targets (aemnist.reference), checked on these tables:
+    with several seeds, on each seed's numbers (the best validation MSE: each seed's score
+    at Table 1's best (lr, weight decay), the one setting every seed's sweep used)."""
     best = best_grid_row(tables.grid)
     score = score_column(tables.sweep)
-    sizes = {int(row["size"]): float(row[score]) for _, row in tables.sweep.iterrows()}
-    return paper_targets(
-        float(best["lr"]),
-        float(best["weight_decay"]),
-        float(best["val_loss_mean"]),
-        sizes,
-        tables.final_test_mse,
+    best_val: float | tuple[float, ...] = float(best["val_loss_mean"])
+    if tables.grid_seeds is not None:
+        best_val = tuple(_seed_scores_at(tables.grid_seeds, best))
+    sizes: dict[int, float] | dict[int, tuple[float, ...]]
+    if tables.sweep_seeds is not None:
+        sizes = {
+            int(size): tuple(g.sort_values("repeat")["score"])
+            for size, g in tables.sweep_seeds.groupby("size")
+        }
+    else:
+        sizes = {int(row["size"]): float(row[score]) for _, row in tables.sweep.iterrows()}
+    final = tables.final_test_mses if len(tables.final_test_mses) > 1 else tables.final_test_mse
+    return paper_targets(float(best["lr"]), float(best["weight_decay"]), best_val, sizes, final)
+
+
+def _seed_scores_at(grid_seeds: pd.DataFrame, cell: pd.Series) -> list[float]:
+    """Each seed's validation score of Table 1's cell ``cell``, in repeat order."""
+    rows = grid_seeds[
+        [
+            same_value(lr, cell["lr"]) and same_value(wd, cell["weight_decay"])
+            for lr, wd in zip(grid_seeds["lr"], grid_seeds["weight_decay"], strict=True)
+        ]
+    ]
+    return [float(v) for v in rows.sort_values("repeat")["val_loss"]]
+
+
+def _several_seeds(targets: Sequence[Target]) -> bool:
+    return any(t.spread is not None and t.spread.n > 1 for t in targets)
+
+
+def _seed_counts(config: StudyConfig) -> str:
+    g, s = config.grid.repeats, config.sweep.repeats
+    if g == s:
+        return f"{g} seeds"
+    return f"the seeds ({g} of the grid, {s} of the sweep and the final model)"
+
+
+def targets_over_seeds(targets: Sequence[Target], config: StudyConfig) -> str:
+    """The targets' table and rule where the study ran with several seeds: for each number,
+    the seed's, our mean ± standard deviation and range over the seeds, and whether the
+    seed's number lies within our mean ± 2 standard deviations."""
+
+    def row(t: Target) -> list[str]:
+        verdict = "tie" if t.tie else "met" if t.met else "**missed**"
+        spread = t.spread
+        seed = DASH if t.seed is None else f"{t.seed:g}"
+        if spread is None:  # no number of ours (a ranking, the settings, a size not swept)
+            return [t.name, seed, t.ours, DASH, DASH, verdict]
+        if spread.n == 1:
+            return [t.name, seed, fmt_loss(spread.mean), DASH, DASH, verdict]
+        return [
+            t.name,
+            seed,
+            f"{fmt_spread(spread.mean, spread.std)} ({fmt_ratio(spread.mean, t.seed)} x seed)",
+            f"[{fmt_loss(spread.low)}, {fmt_loss(spread.high)}]",
+            "within" if t.seed is not None and spread.holds(t.seed) else "outside",
+            verdict,
+        ]
+
+    return "\n".join(
+        [
+            f"Over {_seed_counts(config)}: each target is judged on our mean over the seeds "
+            f"(its rule unchanged); ± is the sample standard deviation over the seeds, and "
+            f"the seed's number is *within* when it lies within our mean ± 2 standard "
+            f"deviations, else *outside*. A size ranking is met when the interval (mean ± "
+            f"one standard deviation) of every size meant to rank ahead lies wholly below "
+            f"that of every size behind, missed when one lies wholly above one behind, and "
+            f"otherwise a **tie** (the means differ by less than the spread), counted "
+            f"neither met nor missed.",
+            "",
+            md_table(
+                [
+                    "target",
+                    "seed",
+                    "ours: mean ± std",
+                    "ours: [min, max]",
+                    "seed in mean ± 2 std",
+                    "",
+                ],
+                [row(t) for t in targets],
+            ),
+        ]
     )
+
+
+def _agreement_line(what: str, bests: pd.DataFrame, agreeing: int, own: list[str]) -> str:
+    """``what`` is the best in ``agreeing`` of the seeds; each seed's own best when they
+    differ (``own``: one per seed, in repeat order)."""
+    n = len(bests)
+    line = f"{what} is the best in {agreeing} of {n} seeds"
+    if agreeing < n:
+        pairs = zip(bests["repeat"], own, strict=True)
+        listed = "; ".join(f"repeat {int(r)}: {o}" for r, o in pairs)
+        line += f" (each seed's own best: {listed})"
+    return line + "."
+
+
+def grid_agreement(tables: StudyTables) -> str:
+    """How often the seeds agree on Table 1's best (lr, weight decay); "" for one seed."""
+    if tables.grid_seeds is None:
+        return ""
+    best = best_grid_row(tables.grid)
+    bests = seed_bests(tables.grid_seeds, GRID_CELL, "val_loss")
+    own = [
+        f"lr {fmt_hp(r.lr)}, weight decay {fmt_hp(r.weight_decay)} ({fmt_loss(r.val_loss)})"
+        for r in bests.itertuples()
+    ]
+    cell = f"lr {fmt_hp(best['lr'])}, weight decay {fmt_hp(best['weight_decay'])}"
+    agreeing = agreement(bests, GRID_CELL, {k: best[k] for k in GRID_CELL})
+    return "**Seeds:** " + _agreement_line(f"Table 1's best, {cell},", bests, agreeing, own)
+
+
+def size_agreement(tables: StudyTables) -> str:
+    """How often the seeds agree on Table 2's best size; "" for one seed."""
+    if tables.sweep_seeds is None:
+        return ""
+    best = int(best_size_row(tables.sweep)["size"])
+    bests = seed_bests(tables.sweep_seeds, ["size"], "score")
+    own = [f"size {int(r.size)} ({fmt_loss(r.score)})" for r in bests.itertuples()]
+    agreeing = agreement(bests, ["size"], {"size": best})
+    return "**Seeds:** " + _agreement_line(f"Table 2's best, size {best},", bests, agreeing, own)
 
 
 def targets_section(tables: StudyTables, config: StudyConfig) -> str:
     targets = study_targets(tables)
     met = sum(t.met for t in targets)
+    ties = sum(t.tie for t in targets)
     rows = [[t.name, t.ours, "met" if t.met else "**missed**"] for t in targets]
     scope = (
         "The paper profile's targets: what a faithful reproduction of the seed must give."
@@ -570,9 +740,11 @@ def targets_section(tables: StudyTables, config: StudyConfig) -> str:
             "",
             scope,
             "",
-            md_table(["target", "ours", ""], rows),
+            targets_over_seeds(targets, config)
+            if _several_seeds(targets)
+            else md_table(["target", "ours", ""], rows),
             "",
-            f"**{met} of {len(targets)} targets met.**",
+            f"**{met} of {len(targets)} targets met" + (f", {ties} tied" if ties else "") + ".**",
         ]
     )
 
@@ -603,6 +775,25 @@ def seed_comparison(tables: StudyTables) -> dict[str, float]:
     targets = study_targets(tables)
     out["targets_met"] = float(sum(t.met for t in targets))
     out["targets_total"] = float(len(targets))
+    out |= _over_seeds(tables, targets)
+    return out
+
+
+def _over_seeds(tables: StudyTables, targets: Sequence[Target]) -> dict[str, float]:
+    """With several seeds: the targets tied, and how many seeds agree on each table's best."""
+    out: dict[str, float] = {}
+    if _several_seeds(targets):
+        out["targets_tied"] = float(sum(t.tie for t in targets))
+    if tables.grid_seeds is not None:
+        best = best_grid_row(tables.grid)
+        bests = seed_bests(tables.grid_seeds, GRID_CELL, "val_loss")
+        out["seeds_agreeing.table1_best"] = float(
+            agreement(bests, GRID_CELL, {k: best[k] for k in GRID_CELL})
+        )
+    if tables.sweep_seeds is not None:
+        bests = seed_bests(tables.sweep_seeds, ["size"], "score")
+        best_size = int(best_size_row(tables.sweep)["size"])
+        out["seeds_agreeing.table2_best"] = float(agreement(bests, ["size"], {"size": best_size}))
     return out
 
 
@@ -616,8 +807,8 @@ def render_report(
     sections = [
         header_section(config, today, run),
         targets_section(tables, config),
-        table1_section(tables.grid, config),
-        table2_section(tables.sweep, config, layout),
+        table1_section(tables.grid, config, grid_agreement(tables)),
+        table2_section(tables.sweep, config, layout, size_agreement(tables)),
         final_section(tables, config, layout),
         corruption_section(tables.corruption, config, layout),
         embedding_section(tables, config, layout),
@@ -632,7 +823,7 @@ def build_report(
 
     The report names ``run``, the MLflow run of the study writing it, and records it beside
     itself (``layout.report_run``); without ``run`` (`aemnist report`), the recorded one."""
-    tables = load_tables(layout, config.sweep.repeats)
+    tables = load_study_tables(layout, config)
     if run is not None:
         save_study_run(layout, run)
     else:

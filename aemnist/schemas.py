@@ -58,6 +58,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("val_loss_mean", pa.float64()),
             ("val_loss_std", pa.float64()),
             ("n_folds", pa.int32()),
+            # Seeds the grid ran with: ± is over them when above 1, else over the folds.
+            ("repeats", pa.int32()),
         ]
     ),
     "sweep_history": pa.schema(

@@ -389,6 +389,7 @@ def train_fold(
     epochs: int,
     batch_size: int,
     seed: int,
+    repeat: int = 0,
     eval_batch_size: int = 2048,
     on_epoch: EpochCallback | None = None,
     checkpoint: Path | None = None,
@@ -397,13 +398,15 @@ def train_fold(
     options: TrainingOptions = DEFAULT_OPTIONS,
 ) -> pd.DataFrame:
     """One cell of the grid search: train on every fold but ``fold``, validate on ``fold``.
+    ``repeat`` > 0 draws other initial weights and batches on the same folds (repeat 0: the
+    study's own).
 
     Returns the per-epoch history (the grid_history table)."""
     fold_of = folds.set_index("idx")["fold"].reindex(train.idx).to_numpy()
     if np.isnan(fold_of.astype(float)).any():
         raise ValueError("the folds table does not cover every training image")
     val_mask = torch.from_numpy(fold_of == fold)
-    key = task_seed(seed, "grid", lr, weight_decay, fold)
+    key = task_seed(seed, "grid", lr, weight_decay, fold, *([repeat] if repeat else []))
     model = build_autoencoder(size, key)
     history = fit(
         model,

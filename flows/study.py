@@ -68,7 +68,9 @@ STAGE_TASKS: dict[str, Task[..., Any]] = {
 StageName = Literal[tuple(plan.STAGES)]  # type: ignore[valid-type]
 RunnerKind = Literal["threads", "dask"]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX, description="the study's seed")]
-Repeats = Annotated[int, Field(ge=1, description="seeds of the sweep and the final model")]
+Repeats = Annotated[
+    int, Field(ge=1, description="seeds of the grid, the sweep and the final model")
+]
 
 
 class StageFailed(RuntimeError):
@@ -273,7 +275,7 @@ def study(
 
     ``profile`` (default: the config file's, else quick) and ``config_file`` (a TOML file
     overriding any field) give the config; ``seed``, ``device`` (auto, cpu or cuda) and
-    ``repeats`` (seeds of the sweep and the final model) override its fields. ``fresh``
+    ``repeats`` (seeds of the grid, the sweep and the final model) override its fields. ``fresh``
     recomputes every stage; ``refresh`` names stages to recompute with every stage that
     follows from them. ``task_runner`` runs the tasks in threads or on Dask (at
     ``dask_address``, with ``dask_security``'s TLS files for a tls:// scheduler, else a local

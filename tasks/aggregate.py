@@ -24,6 +24,8 @@ def summarise_grid(ctx: TrackingContext, job: SummaryJob) -> TableRef:
     weight decay)."""
     with tracked_run(ctx, job.label, {"tasks": len(job.histories)}, job.stage) as run:
         frames = [read_frame(ref.path, "grid_history") for ref in job.histories]
+        if job.repeats:  # a repeated grid: each history's seed, from the job
+            frames = [f.assign(repeat=r) for f, r in zip(frames, job.repeats, strict=True)]
         table = grid_summary(pd.concat(frames, ignore_index=True))
         ref = write_table(table, job.layout.grid_summary, "grid_summary")
         best = table.iloc[0]

@@ -17,7 +17,13 @@ from aemnist.data import ensure_writable
 from aemnist.faults import FAULT_ENV
 from aemnist.jobs import ReportJob
 from aemnist.layout import Layout
-from aemnist.report import StudyRun, build_report, load_tables, report_figures, seed_comparison
+from aemnist.report import (
+    StudyRun,
+    build_report,
+    load_study_tables,
+    report_figures,
+    seed_comparison,
+)
 from aemnist.schemas import TableRef, read_frame
 from aemnist.tracking import (
     TrackingContext,
@@ -127,7 +133,7 @@ def publish_results(ctx: TrackingContext, config: StudyConfig, layout: Layout) -
     final = read_frame(layout.final_metrics, "metrics").set_index("metric")["value"]
     metrics = {f"final_{k}": float(v) for k, v in final.items()}
     # Ours beside the seed's, with the ratios and the targets met: comparable across runs.
-    metrics |= seed_comparison(load_tables(layout, config.sweep.repeats))
+    metrics |= seed_comparison(load_study_tables(layout, config))
     tables = {
         "grid_summary": read_frame(layout.grid_summary, "grid_summary"),
         "sweep_summary": read_frame(layout.sweep_summary, "sweep_summary"),

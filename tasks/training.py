@@ -78,6 +78,7 @@ def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
             epochs=job.epochs,
             batch_size=job.training.batch_size,
             seed=job.seed,
+            repeat=job.repeat,
             eval_batch_size=job.training.eval_batch_size,
             on_epoch=_epoch_logger(run, job, "val_loss"),
             checkpoint=job.checkpoint,

@@ -51,7 +51,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
         pd.DataFrame(
             {"rank": [1], "lr": [0.005], "weight_decay": [1e-5], "train_loss_mean": [0.03],
              "train_loss_std": [0.0], "val_loss_mean": [0.03], "val_loss_std": [0.0],
-             "n_folds": [2]}
+             "n_folds": [2], "repeats": [1]}
         ),
         root / "grid_summary.parquet",
         "grid_summary",

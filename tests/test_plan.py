@@ -76,3 +76,51 @@ def test_jobs_carry_their_labels_checkpoints_and_fields(tmp_path: Path) -> None:
     with pytest.raises(AttributeError):  # frozen: a job is what its key says
         first.lr = 1.0  # type: ignore[misc]
     assert SizeJob.__dataclass_params__.frozen
+
+
+def test_a_repeated_grid_carries_each_repeat_and_repeat_zero_keeps_its_name_path_and_key(
+    tmp_path: Path,
+) -> None:
+    from aemnist.caching import fingerprint, stage_key
+    from aemnist.jobs import SummaryJob
+    from aemnist.schemas import TableRef
+    from aemnist.training import DEFAULT_OPTIONS
+
+    config = load_config("smoke", overrides={"runtime": {"device": "cpu"}})
+    repeated = config.with_overrides({"grid": {"repeats": 2}})
+    ref = TableRef(str(tmp_path / "t.parquet"), "a" * 64, 10)
+    upstream = {"download": [{"train": ref, "test": ref}], "folds": [ref]}
+
+    def grid_jobs(c):  # noqa: ANN001, ANN202 - a config in, its grid jobs out
+        resolved = plan.Study(c, plan.Layout(tmp_path), 2, 1, 2, DEFAULT_OPTIONS)
+        return plan.STAGES["grid"].jobs(resolved, upstream)
+
+    once, twice = grid_jobs(config), grid_jobs(repeated)
+
+    assert len(twice) == 2 * len(once)
+    assert [job.label for job in twice] == plan.STAGES["grid"].labels(repeated)
+    zero = [job for job in twice if job.repeat == 0]
+    # Repeat 0 is the grid as it was: its names, files, parameters and keys.
+    assert [job.label for job in zero] == [job.label for job in once]
+    assert [job.output for job in zero] == [job.output for job in once]
+    assert [stage_key("grid", job) for job in zero] == [stage_key("grid", j) for j in once]
+    assert "repeat" not in fingerprint(once[0])  # keyed only when not 0: keys as before
+    second = twice[1]
+    assert second.repeat == 1 and second.label == f"{once[0].label} repeat=1"
+    assert second.output.name == once[0].output.name.replace(".parquet", "_repeat=1.parquet")
+    assert second.checkpoint != once[0].checkpoint and second.params()["repeat"] == 1
+    assert stage_key("grid", second) != stage_key("grid", once[0])
+
+    # Table 1's job knows each history's seed where the grid repeats, and is keyed by it.
+    refs = {"grid": [ref] * len(twice)}
+    one = plan.STAGES["grid-summary"].jobs(
+        plan.Study(config, plan.Layout(tmp_path), 2, 1, 2, DEFAULT_OPTIONS), refs
+    )[0]
+    two = plan.STAGES["grid-summary"].jobs(
+        plan.Study(repeated, plan.Layout(tmp_path), 2, 1, 2, DEFAULT_OPTIONS), refs
+    )[0]
+    assert isinstance(two, SummaryJob) and one.repeats == ()
+    assert two.repeats == tuple(job.repeat for job in twice)
+    assert "repeats" not in fingerprint(one) and stage_key("grid-summary", one) != stage_key(
+        "grid-summary", two
+    )

@@ -23,6 +23,7 @@ from aemnist.report import (
     FIGURES,
     StudyRun,
     build_report,
+    load_study_tables,
     load_tables,
     render_report,
     report_figures,
@@ -469,3 +470,128 @@ def test_with_several_seeds_table2_and_the_final_mse_give_mean_and_spread_over_s
     assert "| test MSE (mean ± std over 2 seeds) | 0.013300 ± 0.001414 |" in text
     assert "mean ± standard deviation over 2 seeds" in text
     assert seed_comparison(tables)["ours.final.test_mse"] == pytest.approx(0.0133)
+
+
+# Three seeds' numbers around the seed's own, each target's seed number placed on purpose.
+SEEDS_LIKE_SIZES = {size: (v * 0.99, v, v * 1.01) for size, v in SEED_LIKE_SIZES.items()}
+
+
+def _target(targets: list, start: str):  # noqa: ANN202 - a Target
+    return next(t for t in targets if t.name.startswith(start))
+
+
+def test_with_several_seeds_a_number_target_gives_mean_std_range_and_if_the_seed_is_within():
+    targets = paper_targets(
+        0.01,
+        5e-6,
+        (0.0224, 0.0225, 0.0226),  # the seed's 0.022443 lies 0.43 std from the mean: within
+        SEEDS_LIKE_SIZES,
+        (0.0080, 0.0081, 0.0082),  # the seed's 0.0086 lies 5 std above: outside, yet met
+    )
+
+    val = _target(targets, "best validation MSE")
+    assert val.seed == 0.022443 and val.spread is not None
+    assert val.spread.mean == pytest.approx(0.0225)
+    assert val.spread.std == pytest.approx(0.0001)
+    assert (val.spread.low, val.spread.high) == (0.0224, 0.0226)
+    assert val.spread.holds(val.seed) and val.met
+    final = _target(targets, "final test MSE")
+    assert final.met and not final.spread.holds(final.seed)
+    assert final.ours == "0.008100"  # judged on the mean
+    # 2 std is the edge: 0.0225 - 2 * 0.0001 is within, a hair further is not.
+    assert val.spread.holds(0.0223 + 1e-12) and not val.spread.holds(0.0223 - 1e-9)
+    assert [t.verdict for t in targets] == ["met"] * 7
+
+
+def test_sizes_whose_intervals_overlap_tie_and_a_clear_inversion_is_missed():
+    def upper(fifteen: tuple[float, ...]):  # noqa: ANN202 - the "20, 15, 25, 30 ahead of 12" target
+        sizes = {**SEEDS_LIKE_SIZES, 15: fifteen, 12: (0.0126, 0.0127, 0.0128)}
+        return _target(paper_targets(0.01, 5e-6, 0.022443, sizes, 0.0086), "sizes 20, 15")
+
+    # Means in order (0.0120 < 0.0127) but 15's spread reaches past 12's lower end: a tie.
+    tie = upper((0.0110, 0.0120, 0.0130))
+    assert tie.tie and not tie.met and tie.verdict == "tie"
+    assert "intervals overlap: 15 with 12" in tie.ours
+    # Means out of order, within the spread: still a tie, not a miss.
+    assert upper((0.0118, 0.0128, 0.0138)).verdict == "tie"
+    # Out of order by more than both spreads: missed.
+    missed = upper((0.0139, 0.0140, 0.0141))
+    assert missed.verdict == "missed" and not missed.tie
+    # In order by more than the spreads: met.
+    assert upper((0.0100, 0.0101, 0.0102)).verdict == "met"
+
+
+def test_with_one_number_each_a_ranking_is_never_a_tie_and_reads_as_before():
+    sizes = {**SEED_LIKE_SIZES, 15: 0.0127, 12: 0.0127}  # equal: the old rule, missed
+
+    target = _target(paper_targets(0.01, 5e-6, 0.022443, sizes, 0.0086), "sizes 20, 15")
+
+    assert target.verdict == "missed"
+    assert target.ours == (
+        "worst of [20, 15, 25, 30]: size 15 (0.012700); best of [12]: size 12 (0.012700)"
+    )
+
+
+def _write_seeded_histories(layout: Layout, config: StudyConfig) -> None:
+    """Two seeds of the grid and the sweep, written where the stages write them: seed 0
+    prefers lr 0.005 (as _grid_history), seed 1 lr 0.01; both seeds prefer size 8."""
+    base = _grid_history(config)
+    second = base.copy()
+    second.loc[second["lr"] == 0.005, ["train_loss", "val_loss"]] += 0.006
+    for repeat, frame in enumerate((base, second)):
+        for (lr, wd, fold), rows in frame.groupby(["lr", "weight_decay", "fold"]):
+            write_table(rows, layout.grid_history(lr, wd, fold, repeat), "grid_history")
+    grid = pd.concat([base.assign(repeat=0), second.assign(repeat=1)], ignore_index=True)
+    write_table(grid_summary(grid), layout.grid_summary, "grid_summary")
+    sweeps = [_sweep_history(SIZES), _sweep_history(SIZES).assign(repeat=1)]
+    sweeps[1]["test_loss"] += 0.01
+    for frame in sweeps:
+        for (size, repeat), rows in frame.groupby(["size", "repeat"]):
+            write_table(rows, layout.sweep_history(size, repeat), "sweep_history")
+    both = pd.concat(sweeps, ignore_index=True)
+    write_table(sweep_summary(both, score_last=2), layout.sweep_summary, "sweep_summary")
+    write_table(_metrics({"test_mse": 0.0143}), layout.final_metrics_of(1), "metrics")
+
+
+def test_with_several_seeds_the_report_says_how_often_the_seeds_agree_and_gives_distributions(
+    tmp_path,
+):
+    layout, config = write_study(tmp_path)
+    config = config.with_overrides({"grid": {"repeats": 2}, "sweep": {"repeats": 2}})
+    _write_seeded_histories(layout, config)
+
+    tables = load_study_tables(layout, config)
+    text = render_report(tables, config, layout, TODAY)
+
+    # Table 1: lr 0.005 is best on the mean (0.003 worse than seed 0's), seed 1 prefers 0.01.
+    assert "then mean ± standard deviation over 2 seeds" in text
+    assert (
+        "**Seeds:** Table 1's best, lr 0.005, weight decay 1e-05, is the best in 1 of 2 seeds "
+        "(each seed's own best: repeat 0: lr 0.005, weight decay 1e-05 (0.031000); "
+        "repeat 1: lr 0.01, weight decay 1e-05 (0.035000))." in text
+    )
+    assert "**Seeds:** Table 2's best, size 8, is the best in 2 of 2 seeds." in text
+    targets = text.split("## Targets")[1].split("\n## ")[0]
+    assert "| target | seed | ours: mean ± std | ours: [min, max] | seed in mean ± 2 std |" in (
+        targets
+    )
+    # Table 1's best cell scores 0.031 and 0.037 in the two seeds.
+    assert "| 0.022443 | 0.034000 ± 0.004243 (1.51 x seed) | [0.031000, 0.037000] | outside |" in (
+        targets
+    )
+    assert "otherwise a **tie**" in targets
+    # A size the sweep did not train: the seed's number, no distribution of ours.
+    assert "| 0.044586 | — | — | — | **missed** |" in targets
+    assert re.search(r"\*\*\d of 7 targets met\.\*\*", targets)  # no tie: sizes 12+ missing
+    metrics = seed_comparison(tables)
+    assert metrics["seeds_agreeing.table1_best"] == 1.0
+    assert metrics["seeds_agreeing.table2_best"] == 2.0
+    assert metrics["targets_tied"] == 0.0
+
+
+def test_with_one_seed_the_report_has_no_agreement_lines_nor_distribution_columns(study):
+    _, _, text = study
+
+    assert "**Seeds:**" not in text
+    assert "| target | ours |  |" in text
+    assert "mean ± standard deviation over folds." in text

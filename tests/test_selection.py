@@ -1,7 +1,9 @@
-"""Leakage-free selection and repeated seeds: the sweep scored on held-out images, several seeds."""
+"""Leakage-free selection and repeated seeds: the sweep scored on held-out images, several
+seeds of the grid and the sweep, and how often the seeds agree on the bests."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import numpy as np
@@ -9,11 +11,20 @@ import pandas as pd
 import pytest
 import torch
 
-from aemnist.config import ConfigError, load_config
+from aemnist.config import ConfigError, load_config, run_overrides
 from aemnist.data import ImageSet, holdout_mask, load_images
 from aemnist.schemas import TableRef
-from aemnist.summaries import score_column, sweep_summary
-from aemnist.training import evaluate, train_size, training_layout
+from aemnist.summaries import (
+    agreement,
+    grid_seed_scores,
+    grid_summary,
+    score_column,
+    seed_bests,
+    sweep_seed_scores,
+    sweep_summary,
+)
+from aemnist.training import evaluate, train_fold, train_size, training_layout
+from flows.cli.options import add_config_options, study_config
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -134,3 +145,133 @@ def test_repeat_zero_is_the_studys_own_seed_and_other_repeats_train_from_other_s
     assert first.equals(plain)
     assert (second["repeat"] == 1).all() and (first["repeat"] == 0).all()
     assert second["test_loss"].iloc[0] != first["test_loss"].iloc[0]
+
+
+def test_a_grid_repeat_trains_the_same_folds_from_another_seed_and_repeat_zero_as_before(
+    small_sets: tuple[ImageSet, ImageSet],
+) -> None:
+    train, _ = small_sets
+    folds = pd.DataFrame({"idx": train.idx, "fold": np.arange(len(train.idx)) % 2})
+    kwargs = dict(lr=5e-3, weight_decay=0.0, size=4, epochs=1, batch_size=64, seed=0)
+
+    plain = train_fold(train, folds, 1, **kwargs)
+    first = train_fold(train, folds, 1, repeat=0, **kwargs)
+    second = train_fold(train, folds, 1, repeat=1, **kwargs)
+
+    assert first.equals(plain)  # repeat 0 keeps the study's own seed, so its old tables
+    assert list(second.columns) == list(plain.columns)  # the history's schema is unchanged
+    assert second["val_loss"].iloc[0] != first["val_loss"].iloc[0]
+
+
+def _grid_histories(per_seed: dict[int, dict[tuple[float, float], float]]) -> pd.DataFrame:
+    """Two folds and two epochs per cell; at the last epoch fold 0 scores ``v - 0.001`` and
+    fold 1 ``v + 0.001``, so each seed's fold mean is ``v``."""
+    rows = []
+    for repeat, cells in per_seed.items():
+        for (lr, wd), v in cells.items():
+            for fold, shift in ((0, -0.001), (1, 0.001)):
+                for epoch, extra in ((1, 0.05), (2, 0.0)):
+                    rows.append(
+                        {"repeat": repeat, "lr": lr, "weight_decay": wd, "fold": fold,
+                         "epoch": epoch, "train_loss": v + shift + extra - 0.002,
+                         "val_loss": v + shift + extra}
+                    )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+# Three seeds on a 2-cell grid: (0.01, 1e-5) is best on the mean, but seed 2 prefers 0.005.
+SEEDS = {
+    0: {(0.01, 1e-5): 0.020, (0.005, 1e-5): 0.024},
+    1: {(0.01, 1e-5): 0.021, (0.005, 1e-5): 0.023},
+    2: {(0.01, 1e-5): 0.025, (0.005, 1e-5): 0.022},
+}
+
+
+def test_table1_over_seeds_gives_mean_and_std_of_each_seeds_fold_mean() -> None:
+    histories = _grid_histories(SEEDS)
+
+    scores = grid_seed_scores(histories)
+    table = grid_summary(histories)
+
+    best = scores[(scores["repeat"] == 2) & (scores["lr"] == 0.01)]
+    assert best["val_loss"].item() == pytest.approx(0.025)  # the mean over its two folds
+    assert table[["lr", "weight_decay"]].iloc[0].tolist() == [0.01, 1e-5]
+    assert table["val_loss_mean"].iloc[0] == pytest.approx((0.020 + 0.021 + 0.025) / 3)
+    assert table["val_loss_std"].iloc[0] == pytest.approx(np.std([0.020, 0.021, 0.025], ddof=1))
+    assert table["train_loss_mean"].iloc[0] == pytest.approx((0.020 + 0.021 + 0.025) / 3 - 0.002)
+    assert (table["repeats"] == 3).all() and (table["n_folds"] == 2).all()
+    assert table["rank"].tolist() == [1, 2]
+
+
+def test_table1_of_one_seed_is_over_the_folds_as_before() -> None:
+    one = _grid_histories({0: SEEDS[0]})
+
+    with_column = grid_summary(one)
+    without = grid_summary(one.drop(columns="repeat"))
+
+    pd.testing.assert_frame_equal(with_column, without)
+    assert (without["repeats"] == 1).all()
+    # ± is over the two folds (0.001 either side of the mean), not over seeds.
+    assert without["val_loss_std"].iloc[0] == pytest.approx(np.std([-0.001, 0.001], ddof=1))
+
+
+def test_each_seeds_own_best_and_how_many_seeds_agree_with_the_table() -> None:
+    scores = grid_seed_scores(_grid_histories(SEEDS))
+
+    bests = seed_bests(scores, ["lr", "weight_decay"], "val_loss")
+
+    assert bests["repeat"].tolist() == [0, 1, 2]
+    assert bests["lr"].tolist() == [0.01, 0.01, 0.005]
+    assert agreement(bests, ["lr", "weight_decay"], {"lr": 0.01, "weight_decay": 1e-5}) == 2
+    # Values compared as numbers: 0.01 written as 0.1 / 10 is the same learning rate.
+    assert agreement(bests, ["lr", "weight_decay"], {"lr": 0.1 / 10, "weight_decay": 1e-5}) == 2
+    assert agreement(bests, ["lr", "weight_decay"], {"lr": 0.005, "weight_decay": 1e-5}) == 1
+
+
+def test_equal_scores_go_to_the_larger_lr_in_table1_and_the_smaller_size_in_table2() -> None:
+    grid = pd.DataFrame(
+        {"repeat": [0, 0], "lr": [0.005, 0.01], "weight_decay": [1e-5, 1e-5],
+         "val_loss": [0.02, 0.02]}
+    )  # fmt: skip
+    sizes = pd.DataFrame({"repeat": [0, 0], "size": [8, 4], "score": [0.03, 0.03]})
+
+    assert seed_bests(grid, ["lr", "weight_decay"], "val_loss")["lr"].tolist() == [0.01]
+    assert seed_bests(sizes, ["size"], "score")["size"].tolist() == [4]
+
+
+def test_each_seeds_table2_score_is_what_table2_averages_over_the_seeds() -> None:
+    nan = float("nan")
+    rows = [
+        {"size": size, "repeat": repeat, "epoch": epoch, "lr": 1e-3, "train_loss": 0.0,
+         "test_loss": 0.1 / size + 0.01 * repeat + 0.01 / epoch, "val_loss": nan}
+        for size in (4, 8) for repeat in (0, 1) for epoch in (1, 2, 3)
+    ]  # fmt: skip
+    histories = pd.DataFrame(rows)
+
+    scores = sweep_seed_scores(histories, score_last=2)
+    table = sweep_summary(histories, score_last=2).set_index("size")
+
+    assert len(scores) == 4
+    per_size = scores.groupby("size")["score"]
+    assert per_size.mean().to_dict() == pytest.approx(table["test_loss"].to_dict())
+    assert per_size.std().to_dict() == pytest.approx(table["test_loss_std"].to_dict())
+    assert seed_bests(scores, ["size"], "score")["size"].tolist() == [8, 8]
+
+
+def test_repeats_on_the_command_line_repeat_the_grid_and_the_sweep() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_options(parser)
+
+    config = study_config(parser.parse_args(["--profile", "smoke", "--repeats", "3"]))
+
+    assert (config.grid.repeats, config.sweep.repeats) == (3, 3)
+    assert run_overrides(repeats=2) == {"grid": {"repeats": 2}, "sweep": {"repeats": 2}}
+    assert load_config("smoke").grid.repeats == 1
+    # A config file may repeat one stage alone.
+    assert load_config("smoke", overrides={"grid": {"repeats": 2}}).sweep.repeats == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1])
+def test_grid_repeats_below_one_are_refused_naming_the_field(bad: int) -> None:
+    with pytest.raises(ConfigError, match=r"^grid\.repeats:"):
+        load_config("smoke", overrides={"grid": {"repeats": bad}})

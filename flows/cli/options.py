@@ -76,8 +76,9 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         "--repeats",
         type=int,
         metavar="N",
-        help="train the sweep and the final model with N seeds (sweep.repeats, default 1): "
-        "Table 2 and the final test MSE then show mean ± standard deviation over them",
+        help="train the grid, the sweep and the final model with N seeds (grid.repeats and "
+        "sweep.repeats, default 1): Tables 1 and 2, the final test MSE and the targets then "
+        "show mean ± standard deviation over them, and how often the seeds agree on the bests",
     )
     parser.add_argument(
         "--device",
