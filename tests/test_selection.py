@@ -89,6 +89,8 @@ def test_table2_ranks_by_the_validation_loss_when_the_sweep_was_scored_on_it() -
             "train_loss": [0.05, 0.04, 0.03, 0.02],
             "test_loss": [nan] * 4,
             "val_loss": [0.02, 0.01, 0.05, 0.04],  # size 4 better on validation
+            "output_spread": [0.5] * 4,
+            "black_ratio": [0.3] * 4,
         }
     )
 
