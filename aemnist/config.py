@@ -134,10 +134,17 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    """Batch sizes of every training and evaluation."""
+    """Batch sizes of every training and evaluation, and how a model starts."""
 
     batch_size: int = Field(256, gt=0, description="training mini-batch size")
     eval_batch_size: int = Field(2048, gt=0, description="batch size of the loss evaluations")
+    output_bias_at_mean: bool = Field(
+        False,
+        description="start every model with its output layer's bias at the logit of the "
+        "training images' mean intensity, so that it first outputs the mean brightness, not "
+        "0.5 everywhere: this stops the dead starts (a run stuck at an all-black output for its "
+        "first epochs; bench/dead_starts.py). Off in the paper profile (the seed's protocol)",
+    )
 
 
 class GridConfig(_Section):
@@ -346,7 +353,10 @@ class StudyConfig(_Section):
 
 # Fields added after config hashes were first recorded, with the default that leaves a study
 # as it was before them: left out of the hash at that default.
-LATER_FIELDS: dict[tuple[str, str], Any] = {("grid", "repeats"): 1}
+LATER_FIELDS: dict[tuple[str, str], Any] = {
+    ("grid", "repeats"): 1,
+    ("training", "output_bias_at_mean"): False,
+}
 
 
 def _plain(value: Any) -> Any:

@@ -46,6 +46,11 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("epoch", pa.int32()),
             ("train_loss", pa.float64()),
             ("val_loss", pa.float64()),
+            # Reconstructions' spread over the validation images, relative to the images'
+            # (aemnist.training.EpochResult): near 0 while a run sits at a constant output.
+            ("output_spread", pa.float64()),
+            # Validation loss over an all-black output's: near 1 while the output is black.
+            ("black_ratio", pa.float64()),
         ]
     ),
     "grid_summary": pa.schema(
@@ -60,6 +65,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("n_folds", pa.int32()),
             # Seeds the grid ran with: ± is over them when above 1, else over the folds.
             ("repeats", pa.int32()),
+            # Runs of the cell that started at a constant output (aemnist.summaries).
+            ("dead_starts", pa.int32()),
         ]
     ),
     "sweep_history": pa.schema(
@@ -73,6 +80,8 @@ SCHEMAS: dict[str, pa.Schema] = {
             # selection) or on images held out of the training set; the other is null.
             ("test_loss", pa.float64()),
             ("val_loss", pa.float64()),
+            ("output_spread", pa.float64()),  # over the scored images, as grid_history's
+            ("black_ratio", pa.float64()),
         ]
     ),
     "sweep_summary": pa.schema(
@@ -86,6 +95,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             ("train_loss", pa.float64()),
             ("epochs_scored", pa.int32()),
             ("repeats", pa.int32()),
+            # The seeds whose run started dead, the epochs each spent so, and the score over
+            # those seeds and over the others (aemnist.summaries: what a dead start cost).
+            ("dead_repeats", pa.list_(pa.int32())),
+            ("dead_epochs", pa.list_(pa.int32())),
+            ("dead_loss", pa.float64()),
+            ("alive_loss", pa.float64()),
         ]
     ),
     "corruption": pa.schema(

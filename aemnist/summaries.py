@@ -41,6 +41,44 @@ def _rank_grid(table: pd.DataFrame) -> pd.DataFrame:
     return table.fillna({"train_loss_std": 0.0, "val_loss_std": 0.0})
 
 
+# An epoch is dead when its model gave every image the same, all-black output: its
+# reconstructions vary less than DEAD_SPREAD of what the images do (output_spread) and its
+# loss is above DEAD_BLACK of an all-black output's (black_ratio; see
+# aemnist.training.EpochResult). A run's dead start is its leading dead epochs. Measured
+# (2026-11-27, bench/dead_starts.py and probes at sizes 4 and 20, lr 0.01): a collapsed
+# model's spread is below 1e-5 and its ratio 0.95-1.02; a model that has not yet learned to
+# tell images apart (a few dozen steps) outputs about the mean image, ratio 0.6-0.8, and is
+# not dead; a training one's spread is above 0.3 after a full MNIST epoch.
+DEAD_SPREAD = 0.01
+DEAD_BLACK = 0.9
+
+
+def dead_epochs(history: pd.DataFrame) -> int:
+    """How many epochs a run (its history, in epoch order) spent at an all-black constant
+    output before it learned anything: its leading dead epochs. An unmeasured epoch (NaN)
+    ends the count."""
+    count = 0
+    for spread, ratio in zip(history["output_spread"], history["black_ratio"], strict=True):
+        if not (spread < DEAD_SPREAD and ratio > DEAD_BLACK):
+            break
+        count += 1
+    return count
+
+
+def _dead_epochs_of_runs(histories: pd.DataFrame, keys: list[str]) -> pd.Series:
+    """Each training run's dead_epochs, indexed by ``keys`` (the columns naming a run)."""
+    ordered = histories.sort_values([*keys, "epoch"])
+    return ordered.groupby(keys)[["output_spread", "black_ratio"]].apply(dead_epochs)
+
+
+def _with_dead_starts(table: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
+    """Table 1 with, per cell, how many of its runs (folds and seeds) started dead."""
+    runs = [*GRID_CELL, "fold", "repeat"]
+    dead = (_dead_epochs_of_runs(_repeats(histories), runs) > 0).groupby(GRID_CELL).sum()
+    cells = zip(table["lr"], table["weight_decay"], strict=True)
+    return table.assign(dead_starts=[int(dead.get(cell, 0)) for cell in cells])
+
+
 def grid_summary(histories: pd.DataFrame) -> pd.DataFrame:
     """Table 1: per (lr, weight decay), the last epoch's train and validation loss, ranked by
     mean validation loss (rank 1 is the best).
@@ -64,7 +102,7 @@ def grid_summary(histories: pd.DataFrame) -> pd.DataFrame:
             )
             .reset_index()
         )
-        return _rank_grid(table)
+        return _with_dead_starts(_rank_grid(table), histories)
     last = histories.loc[histories.groupby([*GRID_CELL, "fold"])["epoch"].idxmax()]
     table = (
         last.groupby(GRID_CELL)
@@ -78,7 +116,7 @@ def grid_summary(histories: pd.DataFrame) -> pd.DataFrame:
         .reset_index()
         .assign(repeats=1)
     )
-    return _rank_grid(table)
+    return _with_dead_starts(_rank_grid(table), histories)
 
 
 def score_column(frame: pd.DataFrame) -> str:
@@ -96,6 +134,29 @@ def _mean_std(values: pd.Series | None) -> tuple[float, float]:
     if values.empty:
         return float("nan"), float("nan")
     return float(values.mean()), float(values.std()) if len(values) > 1 else 0.0
+
+
+def _dead_starts_at_size(histories: pd.DataFrame, score: str, score_last: int) -> dict:
+    """The seeds (repeats) of one size that started dead, their dead epochs, and the size's
+    score (mean of the last ``score_last`` epochs) over those seeds and over the others: what
+    a dead start cost (NaN where a group is empty)."""
+    dead: dict[int, int] = {}
+    scores: dict[int, float] = {}
+    for repeat, run in histories.groupby("repeat"):
+        run = run.sort_values("epoch")
+        dead[int(repeat)] = dead_epochs(run)
+        scores[int(repeat)] = float(run[score].tail(score_last).mean())
+
+    def mean(repeats: list[int]) -> float:
+        return float(pd.Series([scores[r] for r in repeats], dtype=float).mean())
+
+    started_dead = [r for r, n in dead.items() if n]
+    return {
+        "dead_repeats": started_dead,
+        "dead_epochs": [dead[r] for r in started_dead],
+        "dead_loss": mean(started_dead),
+        "alive_loss": mean([r for r in dead if r not in started_dead]),
+    }
 
 
 def sweep_summary(histories: pd.DataFrame, score_last: int) -> pd.DataFrame:
@@ -121,6 +182,7 @@ def sweep_summary(histories: pd.DataFrame, score_last: int) -> pd.DataFrame:
         row["train_loss"] = float(pd.concat([t["train_loss"] for t in tails]).mean())
         row["epochs_scored"] = len(tails[0])
         row["repeats"] = len(tails)
+        row |= _dead_starts_at_size(h, score, score_last)
         rows.append(row)
     table = pd.DataFrame(rows).sort_values([score, "size"]).reset_index(drop=True)
     table.insert(0, "rank", range(1, len(table) + 1))

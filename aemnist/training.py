@@ -8,6 +8,7 @@ loss each epoch, ReduceLROnPlateau on it).
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from aemnist.data import ImageSet, holdout_mask
-from aemnist.model import Autoencoder, build_autoencoder
+from aemnist.model import Autoencoder, build_autoencoder, start_at_mean_intensity
 from aemnist.runtime import prepare_device
 from aemnist.schemas import atomic_write_bytes
 
@@ -33,6 +34,13 @@ class EpochResult:
     eval_loss: float
     lr: float
     resumed: bool = False  # restored from a checkpoint rather than trained in this call
+    # How much the reconstructions of the evaluated images differ from one another, relative
+    # to how much the images do (mean per-pixel variance over the images, output / input):
+    # about 1 for a good model, 0 for one that gives every image the same output.
+    output_spread: float = math.nan
+    # eval_loss over the loss an all-black output would have (the images' mean square, 0.112
+    # on MNIST): 1 for a model that outputs 0 everywhere, about 0.6 for the mean image.
+    black_ratio: float = math.nan
 
 
 EpochCallback = Callable[[EpochResult], None]
@@ -98,6 +106,35 @@ def _mean_squared_error(model: nn.Module, images: torch.Tensor, batch_size: int)
         batch = images[start : start + batch_size]
         total += nn.functional.mse_loss(model(batch), batch, reduction="sum").double()
     return float(total) / images.numel()
+
+
+@torch.inference_mode()
+def _loss_and_spread(
+    model: nn.Module, images: torch.Tensor, batch_size: int, image_spread: float
+) -> tuple[float, float]:
+    """What ``_mean_squared_error`` gives, and the reconstructions' output_spread (see
+    EpochResult) against ``image_spread``, the images' own, from the same forward passes."""
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=images.device)
+    # Per-pixel sums of the outputs and of their squares, in float64: the variance of a
+    # collapsed model's outputs is far below float32's resolution of their mean.
+    first = torch.zeros(images.shape[1:], dtype=torch.float64, device=images.device)
+    second = torch.zeros_like(first)
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        output = model(batch)
+        total += nn.functional.mse_loss(output, batch, reduction="sum").double()
+        output = output.double()
+        first += output.sum(0)
+        second += output.square().sum(0)
+    n = images.shape[0]
+    variance = (second / n - (first / n).square()).clamp_min(0).mean()
+    return float(total) / images.numel(), float(variance) / image_spread
+
+
+def pixel_spread(images: torch.Tensor) -> float:
+    """The mean per-pixel variance over ``images`` (the unit of output_spread)."""
+    return float(images.double().var(0, unbiased=False).mean())
 
 
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
@@ -254,10 +291,9 @@ def _resume(
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     generator.set_state(state["generator"])
-    return [
-        EpochResult(int(epoch), train_loss, eval_loss, epoch_lr, resumed=True)
-        for epoch, train_loss, eval_loss, epoch_lr in state["history"]
-    ]
+    # Entries are [epoch, train loss, eval loss, lr, output spread, black ratio].
+    history = state["history"]
+    return [EpochResult(int(entry[0]), *entry[1:4], True, *entry[4:6]) for entry in history]
 
 
 def _save_checkpoint(
@@ -278,7 +314,10 @@ def _save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "generator": generator.get_state(),
-            "history": [[h.epoch, h.train_loss, h.eval_loss, h.lr] for h in history],
+            "history": [
+                [h.epoch, h.train_loss, h.eval_loss, h.lr, h.output_spread, h.black_ratio]
+                for h in history
+            ],
         },
     )
 
@@ -352,6 +391,8 @@ def fit(
         total = torch.zeros((), dtype=torch.float64, device=dev)
         capture = graphs and len(history) < epochs and n >= batch_size
         step = _TrainingStep(model, optimizer, train_images, batch_size, total, capture)
+        image_spread = pixel_spread(eval_images)
+        black_loss = float(eval_images.double().square().mean())
         for epoch in range(len(history) + 1, epochs + 1):
             model.train()
             current_lr = float(optimizer.param_groups[0]["lr"])
@@ -360,11 +401,13 @@ def fit(
             for start in range(0, n, batch_size):
                 step(order[start : start + batch_size])
             train_loss = float(total) / n
-            eval_loss = evaluate(model, eval_images, eval_batch_size)
+            eval_loss, spread = _loss_and_spread(model, eval_images, eval_batch_size, image_spread)
             if scheduler is not None:
                 scheduler.step(eval_loss)
                 _pin_lr(optimizer, lr_tensor)
-            result = EpochResult(epoch, train_loss, eval_loss, current_lr)
+            result = EpochResult(
+                epoch, train_loss, eval_loss, current_lr, False, spread, eval_loss / black_loss
+            )
             history.append(result)
             if checkpoint is not None and resume_key is not None:
                 _save_checkpoint(
@@ -390,6 +433,7 @@ def train_fold(
     batch_size: int,
     seed: int,
     repeat: int = 0,
+    output_bias_at_mean: bool = False,
     eval_batch_size: int = 2048,
     on_epoch: EpochCallback | None = None,
     checkpoint: Path | None = None,
@@ -408,6 +452,8 @@ def train_fold(
     val_mask = torch.from_numpy(fold_of == fold)
     key = task_seed(seed, "grid", lr, weight_decay, fold, *([repeat] if repeat else []))
     model = build_autoencoder(size, key)
+    if output_bias_at_mean:
+        start_at_mean_intensity(model, train.images[~val_mask])
     history = fit(
         model,
         train.images[~val_mask],
@@ -432,6 +478,8 @@ def train_fold(
             "epoch": [h.epoch for h in history],
             "train_loss": [h.train_loss for h in history],
             "val_loss": [h.eval_loss for h in history],
+            "output_spread": [h.output_spread for h in history],
+            "black_ratio": [h.black_ratio for h in history],
         }
     )
 
@@ -451,6 +499,7 @@ def train_size(
     repeat: int = 0,
     selection: str = "test",
     validation_images: int = 10000,
+    output_bias_at_mean: bool = False,
     eval_batch_size: int = 2048,
     on_epoch: EpochCallback | None = None,
     checkpoint: Path | None = None,
@@ -471,6 +520,8 @@ def train_size(
         fit_images, eval_images = train.images[~held], train.images[held]
     else:
         fit_images, eval_images = train.images, test.images
+    if output_bias_at_mean:
+        start_at_mean_intensity(model, fit_images)
     history = fit(
         model,
         fit_images,
@@ -500,6 +551,8 @@ def train_size(
             "train_loss": [h.train_loss for h in history],
             "test_loss": scores if selection == "test" else unscored,
             "val_loss": scores if selection == "validation" else unscored,
+            "output_spread": [h.output_spread for h in history],
+            "black_ratio": [h.black_ratio for h in history],
         }
     )
     return model, frame

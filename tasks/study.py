@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -124,6 +126,14 @@ def write_report(ctx: TrackingContext, job: ReportJob) -> TableRef:
     return TableRef.of_file(path).with_run(run.run_id)
 
 
+def _flat(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its list cells (Table 2's dead-start seeds) as "1, 3" text: what a CSV
+    preview and a Prefect table artifact (JSON) can show."""
+    return frame.map(
+        lambda v: ", ".join(str(x) for x in v) if isinstance(v, (list, np.ndarray)) else v
+    )
+
+
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_results(ctx: TrackingContext, config: StudyConfig, layout: Layout) -> None:
     """The study's results on its parent run (headline metrics, report, figures, Tables 1
@@ -135,8 +145,11 @@ def publish_results(ctx: TrackingContext, config: StudyConfig, layout: Layout) -
     # Ours beside the seed's, with the ratios and the targets met: comparable across runs.
     metrics |= seed_comparison(load_study_tables(layout, config))
     tables = {
-        "grid_summary": read_frame(layout.grid_summary, "grid_summary"),
-        "sweep_summary": read_frame(layout.sweep_summary, "sweep_summary"),
+        schema: _flat(read_frame(path, schema))
+        for schema, path in (
+            ("grid_summary", layout.grid_summary),
+            ("sweep_summary", layout.sweep_summary),
+        )
     }
     csvs = {TABLE_CSVS[schema]: frame for schema, frame in tables.items()}
     log_to_parent(ctx, metrics=metrics, artifacts=artifacts, tables=csvs)

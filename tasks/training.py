@@ -15,6 +15,7 @@ from aemnist.jobs import FoldJob, SizeJob
 from aemnist.model import Autoencoder, save_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, read_frame, write_table
+from aemnist.summaries import dead_epochs
 from aemnist.tracking import TaskRun, TrackingContext, release_model
 from aemnist.training import EpochCallback, EpochResult, evaluate, train_fold, train_size
 from tasks.caching import StageCache, current_key
@@ -29,10 +30,9 @@ def _epoch_logger(run: TaskRun, job: FoldJob | SizeJob, eval_name: str) -> Epoch
     logger = get_run_logger()
 
     def on_epoch(result: EpochResult) -> None:
-        run.log_metrics(
-            {"train_loss": result.train_loss, eval_name: result.eval_loss, "lr": result.lr},
-            step=result.epoch,
-        )
+        metrics = {"train_loss": result.train_loss, eval_name: result.eval_loss, "lr": result.lr}
+        health = {"output_spread": result.output_spread, "black_ratio": result.black_ratio}
+        run.log_metrics(metrics | health, step=result.epoch)
         how = "restored from checkpoint" if result.resumed else "trained"
         logger.info(
             "%s epoch %d/%d %s: train %.5f, %s %.5f",
@@ -49,6 +49,21 @@ def _epoch_logger(run: TaskRun, job: FoldJob | SizeJob, eval_name: str) -> Epoch
             maybe_fail(job.stage, epoch=result.epoch, **job.fault_key)
 
     return on_epoch
+
+
+def _log_dead_start(run: TaskRun, job: FoldJob | SizeJob, history: pd.DataFrame) -> None:
+    """The epochs the run spent at a constant output before it learned (a dead start): a
+    metric to plot and a tag to filter runs on (`tags.aemnist.dead_epochs != '0'`)."""
+    dead = dead_epochs(history.sort_values("epoch"))
+    run.log_metrics({"dead_epochs": dead})
+    run.set_tags({"aemnist.dead_epochs": str(dead)})
+    if dead:
+        get_run_logger().warning(
+            "%s started dead: its first %d of %d epochs gave every image the same output",
+            job.label,
+            dead,
+            job.epochs,
+        )
 
 
 @task(
@@ -79,6 +94,7 @@ def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
             batch_size=job.training.batch_size,
             seed=job.seed,
             repeat=job.repeat,
+            output_bias_at_mean=job.training.output_bias_at_mean,
             eval_batch_size=job.training.eval_batch_size,
             on_epoch=_epoch_logger(run, job, "val_loss"),
             checkpoint=job.checkpoint,
@@ -86,6 +102,7 @@ def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
             device=job.compute.device,
             options=job.compute.options,
         )
+        _log_dead_start(run, job, history)
         ref = write_table(history, job.output, "grid_history")
         run.log_artifact(ref.path, "tables")
         job.checkpoint.unlink(missing_ok=True)
@@ -121,6 +138,7 @@ def _trained_at_size(
             repeat=job.repeat,
             selection=job.selection,
             validation_images=job.validation_images,
+            output_bias_at_mean=job.training.output_bias_at_mean,
             eval_batch_size=job.training.eval_batch_size,
             on_epoch=_epoch_logger(run, job, SCORED_ON[job.selection]),
             checkpoint=job.checkpoint,
@@ -128,6 +146,7 @@ def _trained_at_size(
             device=job.compute.device,
             options=job.compute.options,
         )
+        _log_dead_start(run, job, history)
         yield run, model, history, test_set
         job.checkpoint.unlink(missing_ok=True)
 

@@ -51,7 +51,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
         pd.DataFrame(
             {"rank": [1], "lr": [0.005], "weight_decay": [1e-5], "train_loss_mean": [0.03],
              "train_loss_std": [0.0], "val_loss_mean": [0.03], "val_loss_std": [0.0],
-             "n_folds": [2], "repeats": [1]}
+             "n_folds": [2], "repeats": [1],
+             "dead_starts": [0]}
         ),
         root / "grid_summary.parquet",
         "grid_summary",
@@ -60,7 +61,8 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
         pd.DataFrame(
             {"rank": [1], "size": [8], "test_loss": [0.02], "test_loss_std": [0.0],
              "val_loss": [float("nan")], "val_loss_std": [float("nan")], "train_loss": [0.02],
-             "epochs_scored": [1], "repeats": [1]}
+             "epochs_scored": [1], "repeats": [1], "dead_repeats": [[]], "dead_epochs": [[]],
+             "dead_loss": [float("nan")], "alive_loss": [0.02]}
         ),
         root / "sweep_summary.parquet",
         "sweep_summary",

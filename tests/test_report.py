@@ -54,6 +54,8 @@ def _grid_history(config: StudyConfig) -> pd.DataFrame:
                             "epoch": epoch,
                             "train_loss": base - 0.001,
                             "val_loss": base,
+                            "output_spread": 0.5,
+                            "black_ratio": 0.4,
                         }
                     )
     return pd.DataFrame(rows)
@@ -74,6 +76,8 @@ def _sweep_history(sizes: tuple[int, ...], epochs: int = 3) -> pd.DataFrame:
                     "train_loss": loss * 0.95,
                     "test_loss": loss,
                     "val_loss": float("nan"),
+                    "output_spread": 0.5,
+                    "black_ratio": 0.4,
                 }
             )
     return pd.DataFrame(rows)
@@ -457,6 +461,7 @@ def test_with_several_seeds_table2_and_the_final_mse_give_mean_and_spread_over_s
     both = pd.concat([_sweep_history(SIZES), second])
     write_table(sweep_summary(both, score_last=2), layout.sweep_summary, "sweep_summary")
     write_table(_metrics({"test_mse": 0.0143}), layout.final_metrics_of(1), "metrics")
+    write_table(_sweep_history((8,), epochs=4), layout.final_history_of(1), "sweep_history")
 
     tables = load_tables(layout, repeats=2)
     text = render_report(tables, config, layout, TODAY)
@@ -551,6 +556,7 @@ def _write_seeded_histories(layout: Layout, config: StudyConfig) -> None:
     both = pd.concat(sweeps, ignore_index=True)
     write_table(sweep_summary(both, score_last=2), layout.sweep_summary, "sweep_summary")
     write_table(_metrics({"test_mse": 0.0143}), layout.final_metrics_of(1), "metrics")
+    write_table(_sweep_history((8,), epochs=4), layout.final_history_of(1), "sweep_history")
 
 
 def test_with_several_seeds_the_report_says_how_often_the_seeds_agree_and_gives_distributions(
@@ -595,3 +601,38 @@ def test_with_one_seed_the_report_has_no_agreement_lines_nor_distribution_column
     assert "**Seeds:**" not in text
     assert "| target | ours |  |" in text
     assert "mean ± standard deviation over folds." in text
+
+
+def test_the_report_lists_dead_starts_per_grid_cell_size_and_final_seed(tmp_path: Path) -> None:
+    layout, config = write_study(tmp_path)
+    config = config.with_overrides({"sweep": {"repeats": 2}})
+    grid = _grid_history(config)
+    first = (grid["lr"] == 0.01) & (grid["fold"] == 0) & (grid["epoch"] == 1)
+    grid.loc[first, ["output_spread", "black_ratio"]] = [0.0, 1.0]  # one fold, first epoch
+    write_table(grid_summary(grid), layout.grid_summary, "grid_summary")
+    second = _sweep_history(SIZES).assign(repeat=1)
+    size8 = (second["size"] == 8) & (second["epoch"] <= 2)
+    second.loc[size8, ["output_spread", "black_ratio"]] = [0.0, 1.0]
+    second.loc[second["size"] == 8, "test_loss"] += 0.02  # the dead seed ends worse
+    both = pd.concat([_sweep_history(SIZES), second])
+    write_table(sweep_summary(both, score_last=2), layout.sweep_summary, "sweep_summary")
+    final = _sweep_history((8,), epochs=4).assign(repeat=1)
+    final.loc[final["epoch"] == 1, ["output_spread", "black_ratio"]] = [0.0, 1.0]
+    write_table(final, layout.final_history_of(1), "sweep_history")
+    write_table(_metrics({"test_mse": 0.0143}), layout.final_metrics_of(1), "metrics")
+
+    text = render_report(load_tables(layout, repeats=2), config, layout, TODAY)
+
+    section = text.split("## Dead starts")[1].split("\n## ")[0]
+    assert "Grid search: 1 of 6 runs started dead (lr 0.01, weight decay 1e-05: 1 of 3)." in (
+        section
+    )
+    one = sweep_summary(_sweep_history(SIZES), score_last=2).set_index("size")
+    alive = one.loc[8, "test_loss"]
+    assert (
+        f"| 8 | 1 of 2 | seed 1: 2 | {alive + 0.02:.6f} | {alive:.6f} | {alive + 0.01:.6f} |"
+        in section
+    )
+    assert f"| 4 | 0 of 2 | — | — | {one.loc[4, 'test_loss']:.6f} |" in section
+    assert "Final model: seed 0: none, seed 1: 1 epoch." in section
+    assert "training.output_bias_at_mean" in section  # says which start the models had

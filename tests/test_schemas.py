@@ -31,6 +31,8 @@ def grid_history() -> pd.DataFrame:
             "epoch": [1, 2],
             "train_loss": [0.05, 0.03],
             "val_loss": [0.06, 0.04],
+            "output_spread": [0.4, 0.7],
+            "black_ratio": [0.5, 0.3],
         }
     )
 

@@ -100,6 +100,8 @@ def test_table2_ranks_by_the_validation_loss_when_the_sweep_was_scored_on_it() -
             "train_loss": [0.05, 0.04, 0.03, 0.02],
             "test_loss": [nan] * 4,
             "val_loss": [0.02, 0.01, 0.05, 0.04],  # size 4 better on validation
+            "output_spread": [0.5] * 4,
+            "black_ratio": [0.3] * 4,
         }
     )
 
@@ -174,7 +176,8 @@ def _grid_histories(per_seed: dict[int, dict[tuple[float, float], float]]) -> pd
                     rows.append(
                         {"repeat": repeat, "lr": lr, "weight_decay": wd, "fold": fold,
                          "epoch": epoch, "train_loss": v + shift + extra - 0.002,
-                         "val_loss": v + shift + extra}
+                         "val_loss": v + shift + extra, "output_spread": 0.5,
+                         "black_ratio": 0.3}
                     )  # fmt: skip
     return pd.DataFrame(rows)
 
@@ -243,7 +246,8 @@ def test_each_seeds_table2_score_is_what_table2_averages_over_the_seeds() -> Non
     nan = float("nan")
     rows = [
         {"size": size, "repeat": repeat, "epoch": epoch, "lr": 1e-3, "train_loss": 0.0,
-         "test_loss": 0.1 / size + 0.01 * repeat + 0.01 / epoch, "val_loss": nan}
+         "test_loss": 0.1 / size + 0.01 * repeat + 0.01 / epoch, "val_loss": nan,
+         "output_spread": 0.5, "black_ratio": 0.3}
         for size in (4, 8) for repeat in (0, 1) for epoch in (1, 2, 3)
     ]  # fmt: skip
     histories = pd.DataFrame(rows)
