@@ -224,3 +224,11 @@ def agreement(bests: pd.DataFrame, keys: list[str], best: dict[str, float]) -> i
     for key in keys:
         same &= np.isclose(bests[key].astype(float), float(best[key]), rtol=1e-9, atol=0.0)
     return int(same.sum())
+
+
+def flat_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its list cells (Table 2's dead-start seeds) as "1, 3" text: what a CSV
+    preview in MLflow and a Prefect table artifact (JSON) can show."""
+    return frame.map(
+        lambda v: ", ".join(str(x) for x in v) if isinstance(v, (list, np.ndarray)) else v
+    )

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -27,6 +25,7 @@ from aemnist.report import (
     seed_comparison,
 )
 from aemnist.schemas import TableRef, read_frame
+from aemnist.summaries import flat_table
 from aemnist.tracking import (
     TrackingContext,
     finish_study,
@@ -126,14 +125,6 @@ def write_report(ctx: TrackingContext, job: ReportJob) -> TableRef:
     return TableRef.of_file(path).with_run(run.run_id)
 
 
-def _flat(frame: pd.DataFrame) -> pd.DataFrame:
-    """``frame`` with its list cells (Table 2's dead-start seeds) as "1, 3" text: what a CSV
-    preview and a Prefect table artifact (JSON) can show."""
-    return frame.map(
-        lambda v: ", ".join(str(x) for x in v) if isinstance(v, (list, np.ndarray)) else v
-    )
-
-
 @task(name="publish", cache_policy=NO_CACHE)
 def publish_results(ctx: TrackingContext, config: StudyConfig, layout: Layout) -> None:
     """The study's results on its parent run (headline metrics, report, figures, Tables 1
@@ -145,7 +136,7 @@ def publish_results(ctx: TrackingContext, config: StudyConfig, layout: Layout) -
     # Ours beside the seed's, with the ratios and the targets met: comparable across runs.
     metrics |= seed_comparison(load_study_tables(layout, config))
     tables = {
-        schema: _flat(read_frame(path, schema))
+        schema: flat_table(read_frame(path, schema))
         for schema, path in (
             ("grid_summary", layout.grid_summary),
             ("sweep_summary", layout.sweep_summary),
