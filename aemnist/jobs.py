@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         StudyConfig,
         TrainingConfig,
     )
+    from aemnist.machine_slots import MachineSlots
     from aemnist.schemas import TableRef
     from aemnist.training import TrainingOptions
 
@@ -99,10 +100,11 @@ class Compute:
     device: str
     threads: int
     options: TrainingOptions
-    # The machine's training-slot limit a training task holds one slot of (a Prefect global
-    # concurrency limit shared by the studies on one server); None: the study's own task
-    # runner bounds it. Where it waits, not what it computes: no part of the key.
-    slots: str | None = field(default=None, metadata={"key": False})
+    # The machine's training-slot limit a training task holds one slot of: a Prefect global
+    # concurrency limit's name (shared by the studies on one server), the machine's slot
+    # lock files (aemnist.machine_slots), or None: the study's own task runner bounds it.
+    # Where it waits, not what it computes: no part of the key.
+    slots: str | MachineSlots | None = field(default=None, metadata={"key": False})
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from aemnist.layout import Layout
 
 if TYPE_CHECKING:
     from aemnist.config import StudyConfig
+    from aemnist.machine_slots import MachineSlots
     from aemnist.schemas import TableRef
     from aemnist.training import TrainingOptions
 
@@ -60,7 +61,7 @@ class Study:
     options: TrainingOptions
     mirror: str | None = None
     redo: frozenset[str] = frozenset()  # stages to recompute (--fresh, --refresh)
-    slots: str | None = None  # the training-slot limit shared across studies (Compute.slots)
+    slots: str | MachineSlots | None = None  # the training slots studies share (Compute.slots)
 
     def compute(self, threads: int | None = None) -> Compute:
         device = self.config.runtime.device

@@ -25,6 +25,7 @@ import _thread
 import atexit
 import base64
 import contextlib
+import fcntl
 import importlib.util
 import json
 import math
@@ -789,6 +790,24 @@ def wait_for_task_runs(api_url: str, since: datetime, limit: float) -> None:
         time.sleep(0.05)
 
 
+# Beside a SQLite database that temporary servers open: held from a server's launch until it
+# answers. Two runs started at once on one database (the same PREFECT_HOME) would otherwise
+# both create its tables, and the second fails ("no such index", measured 2026-11-27).
+START_LOCK = ".aemnist-server-start.lock"
+
+
+def hold_start_lock(path: Path) -> int:
+    """An open descriptor holding ``path``'s exclusive lock, taken once another temporary
+    server on the same database has answered (polled, so a stop signal still acts)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            time.sleep(0.05)
+
+
 class TemporaryPrefectServer:
     """One run's temporary Prefect server: the uvicorn process Prefect's own temporary
     server runs (prefect.server.api.server.SubprocessASGIServer), launched without importing
@@ -799,6 +818,7 @@ class TemporaryPrefectServer:
 
     def __init__(self, database: Path | None = None) -> None:
         self.database = database
+        self.starting: int | None = None  # the start lock's descriptor, until it answers
         self.service = self._launch()
         # Stopped by ``stop_children`` at exit (or on a stop signal), after the process's last
         # logs and events are shipped to it: Prefect registers their flush at exit after this
@@ -837,16 +857,19 @@ class TemporaryPrefectServer:
             "PREFECT__SERVER_FINAL": "1",
         }
         if any(name in env for name in DATABASE_ENVS):
-            pass  # a database of the user's
+            folder = None  # a database of the user's
         elif self.database is not None:
             # Its flow runs stay browsable after it stops: `aemnist server` opens this file.
             url = sqlite_url(self.database, "sqlite+aiosqlite")
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = url
+            folder = self.database.parent
         else:
             # Prefect's default database, in PREFECT_HOME, which `prefect server start` opens
             # too; Prefect's CLI creates that folder, the server alone does not.
-            home = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
-            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            folder = Path(os.environ.get("PREFECT_HOME") or "~/.prefect").expanduser()
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder is not None:
+            self.starting = hold_start_lock(folder / START_LOCK)
         return launch_server("temporary Prefect server", command, env, LOOPBACK, 0, "/api/health")
 
     def _await(self) -> None:
@@ -857,6 +880,9 @@ class TemporaryPrefectServer:
             self._poll()
         except Exception as exc:  # raised in the main thread by ready()
             self.error = StackError(f"the temporary Prefect server could not start: {exc}")
+        finally:
+            if self.starting is not None:  # its database is ready: the next may start
+                os.close(self.starting)
 
     def _poll(self) -> None:
         timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])

@@ -35,6 +35,7 @@ from aemnist.config import (
     load_config,
     run_overrides,
 )
+from aemnist.machine_slots import MachineSlots, slot_folder
 from aemnist.runtime import prepare_device, with_resolved_device
 from aemnist.workdir import hold_workdir
 from deployments.dask_tls import DaskTLS
@@ -42,7 +43,7 @@ from tasks.aggregate import summarise_grid, summarise_sweep
 from tasks.caching import result_storage, submit_job
 from tasks.data import assign_folds, download
 from tasks.evaluation import evaluate_corruption, map_embedding
-from tasks.slots import set_training_slots
+from tasks.slots import machine_slots, set_training_slots
 from tasks.study import close_study, link_reused, open_study, publish_results, write_report
 from tasks.training import final_model, grid_fold, sweep_size
 
@@ -280,8 +281,10 @@ def study(
     follows from them. ``task_runner`` runs the tasks in threads or on Dask (at
     ``dask_address``, with ``dask_security``'s TLS files for a tls:// scheduler, else a local
     cluster), sized by the config's runtime section. ``share_slots``: training tasks hold
-    slots of this machine's limit on the Prefect server, shared by every study on it (off
-    for a server no other study uses: `aemnist run`'s temporary one)."""
+    slots of this machine's limit on the Prefect server, shared by every study on it; off
+    (for a server no other study uses: `aemnist run`'s temporary one), they hold this
+    machine's slot lock files instead (aemnist.machine_slots), shared by the user's studies
+    on this machine whatever server they run on."""
     resolved = prepare_study(
         profile,
         workdir,
@@ -296,14 +299,15 @@ def study(
 
     ensure_writable(resolved.layout.root)
     hold_workdir(resolved.layout.root)
+    device = resolved.config.runtime.device
     if share_slots:
-        slots = set_training_slots(resolved.config.runtime.device, resolved.workers)
-        resolved = dataclasses.replace(resolved, slots=slots)
-        get_run_logger().info(
-            "training slots: %d on %s, shared by the studies on this Prefect server",
-            resolved.workers,
-            slots,
-        )
+        slots: str | MachineSlots = set_training_slots(device, resolved.workers)
+        where = f"{slots}, shared by the studies on this Prefect server"
+    else:
+        slots = machine_slots(device, resolved.workers)
+        where = f"{slots.name} lock files in {slot_folder()}, shared by this user's studies here"
+    resolved = dataclasses.replace(resolved, slots=slots)
+    get_run_logger().info("training slots: %d of %s", resolved.workers, where)
     # The decorator's default runner runs nothing: every task goes to this one, sized from
     # the resolved config on every launch path.
     with task_runner_for(resolved, task_runner, dask_address, dask_security) as runner:

@@ -27,12 +27,23 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists
 from prefect.runtime import task_run
 
+from aemnist.machine_slots import MachineSlots, machine_slot
+
+
+def _kind(device: str) -> str:
+    return "gpu" if device == "cuda" else "cpu"
+
 
 def slots_name(device: str) -> str:
     """The limit of this machine's ``device`` (cpu or cuda): ``aemnist-gpu-HOST`` or
     ``aemnist-cpu-HOST``."""
-    kind = "gpu" if device == "cuda" else "cpu"
-    return f"aemnist-{kind}-{socket.gethostname()}"
+    return f"aemnist-{_kind(device)}-{socket.gethostname()}"
+
+
+def machine_slots(device: str, slots: int) -> MachineSlots:
+    """This machine's slot lock files for ``device``, ``slots`` of them (a study with fewer
+    uses the first ones: together the studies train at most the largest count at once)."""
+    return MachineSlots(f"aemnist-{_kind(device)}", slots)
 
 
 def set_training_slots(device: str, slots: int) -> str:
@@ -49,13 +60,18 @@ def set_training_slots(device: str, slots: int) -> str:
 
 
 @contextmanager
-def training_slot(limit: str | None) -> Iterator[None]:
-    """Hold one slot of the machine's training-slot ``limit`` (None: none to hold) while the
-    body runs; waits for one to be free. The running task run is recorded as the slot's
-    holder (the Prefect UI shows it). Where the limit does not exist (a Dask worker on
-    another machine), Prefect logs a warning and the body runs without a slot."""
+def training_slot(limit: str | MachineSlots | None) -> Iterator[None]:
+    """Hold one slot of the machine's training-slot ``limit`` (a Prefect global concurrency
+    limit's name, the machine's slot lock files, or None: none to hold) while the body runs;
+    waits for one to be free. On a Prefect limit the running task run is recorded as the
+    slot's holder (the Prefect UI shows it); where that limit does not exist (a Dask worker
+    on another machine), Prefect logs a warning and the body runs without a slot."""
     if limit is None:
         yield
+        return
+    if isinstance(limit, MachineSlots):
+        with machine_slot(limit):
+            yield
         return
     holder = ConcurrencyLeaseHolder(type="task_run", id=task_run.id) if task_run.id else None
     with concurrency(limit, occupy=1, holder=holder):

@@ -7,6 +7,7 @@ after the server stopped, on the run's own temporary server."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import sqlite3
@@ -78,23 +79,14 @@ class Study:
         return match.group(1)
 
 
-@pytest.fixture(scope="module")
-def two_studies(server: Server, mnist_mirror: Path) -> tuple[Study, Study]:
-    """Two smoke studies started together with one training slot: one in the server's work
-    dir, without PREFECT_API_URL (it finds the server there, and logs to the work dir's MLflow
-    store, which the server's MLflow server serves), one in a work dir of its own with
-    PREFECT_API_URL set (it logs to its own MLflow store)."""
-    config = server.root / "one-slot.toml"
-    config.write_text(ONE_SLOT)
-    own = server.root / "own"
-    home = server.root / "home"
-    runs = {
-        "served": (server.workdir, {}),
-        "own": (own, {"PREFECT_API_URL": server.prefect_api}),
-    }
+def run_together(
+    runs: dict[str, tuple[Path, dict[str, str]]], config: Path, mirror: Path, home: Path
+) -> dict[str, str]:
+    """Start a smoke study per entry of ``runs`` (name: work dir, extra environment) at once
+    with ``config``; wait for all; their outputs by name."""
     processes = {}
     for name, (workdir, extra) in runs.items():
-        args = smoke_run(workdir, mnist_mirror, "--config", str(config))
+        args = smoke_run(workdir, mirror, "--config", str(config))
         processes[name] = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", *args],
             cwd=REPO_ROOT,
@@ -114,10 +106,42 @@ def two_studies(server: Server, mnist_mirror: Path) -> tuple[Study, Study]:
             if process.poll() is None:
                 process.terminate()
                 process.communicate(timeout=60)
+    return outputs
+
+
+@pytest.fixture(scope="module")
+def two_studies(server: Server, mnist_mirror: Path) -> tuple[Study, Study]:
+    """Two smoke studies started together with one training slot: one in the server's work
+    dir, without PREFECT_API_URL (it finds the server there, and logs to the work dir's MLflow
+    store, which the server's MLflow server serves), one in a work dir of its own with
+    PREFECT_API_URL set (it logs to its own MLflow store)."""
+    config = server.root / "one-slot.toml"
+    config.write_text(ONE_SLOT)
+    own = server.root / "own"
+    home = server.root / "home"
+    runs = {
+        "served": (server.workdir, {}),
+        "own": (own, {"PREFECT_API_URL": server.prefect_api}),
+    }
+    outputs = run_together(runs, config, mnist_mirror, home)
     return (
         Study(server.workdir, server.mlflow_uri, outputs["served"]),
         Study(own, embedded_tracking_uri(own), outputs["own"]),
     )
+
+
+def assert_never_overlapped(spans: dict[str, list[tuple[int, int, str]]]) -> None:
+    """Two studies' training runs (6 each) ran during the same minutes, yet no two of them
+    at once: one slot between them."""
+    assert all(len(found) == 6 for found in spans.values()), spans
+    # The two studies trained during the same minutes: without the limit, their tasks
+    # would have overlapped ...
+    (first_a, *_, last_a), (first_b, *_, last_b) = (sorted(s) for s in spans.values())
+    assert max(first_a[0], first_b[0]) < min(last_a[1], last_b[1]), spans
+    # ... with one slot on this machine, no two training runs did, across both studies.
+    every = sorted(span for found in spans.values() for span in found)
+    overlaps = [(a[2], b[2]) for a, b in pairwise(every) if b[0] < a[1]]
+    assert not overlaps, every
 
 
 def training_spans(study: Study) -> list[tuple[int, int, str]]:
@@ -145,19 +169,33 @@ def test_two_studies_on_one_server_never_train_more_models_at_once_than_its_slot
     for flow_run_id in flow_run_ids:
         assert server.get(f"/flow_runs/{flow_run_id}")["state_type"] == "COMPLETED"
 
-    spans = {study.workdir.name: training_spans(study) for study in two_studies}
-    assert all(len(found) == 6 for found in spans.values()), spans
-    # The two studies trained during the same minutes: without the limit, their tasks
-    # would have overlapped ...
-    (first_a, *_, last_a), (first_b, *_, last_b) = (sorted(s) for s in spans.values())
-    assert max(first_a[0], first_b[0]) < min(last_a[1], last_b[1]), spans
-    # ... with one slot on this machine, no two training runs did, across both studies.
-    every = sorted(spans["served"] + spans["own"])
-    overlaps = [(a[2], b[2]) for a, b in pairwise(every) if b[0] < a[1]]
-    assert not overlaps, every
+    assert_never_overlapped({study.workdir.name: training_spans(study) for study in two_studies})
 
     limit = server.get(f"/v2/concurrency_limits/{SLOTS}")
     assert (limit["limit"], limit["active_slots"]) == (1, 0)
+
+
+def test_two_studies_on_temporary_servers_of_their_own_share_the_machines_slot_files(
+    tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path
+) -> None:
+    """No server in common (each `aemnist run` starts its own): the training slots are the
+    machine's lock files, and one slot still keeps the two studies' training apart."""
+    root = tmp_path_factory.mktemp("temporary")
+    config = root / "one-slot.toml"
+    config.write_text(ONE_SLOT)
+    runtime = root / "run"  # the slot files of this test alone
+    runtime.mkdir(mode=0o700)
+    extra = {"XDG_RUNTIME_DIR": str(runtime)}
+    runs = {name: (root / name, extra) for name in ("first", "second")}
+    outputs = run_together(runs, config, mnist_mirror, root / "home")
+
+    studies = [Study(root / n, embedded_tracking_uri(root / n), outputs[n]) for n in runs]
+    for study in studies:
+        assert "Running on the Prefect server" not in study.stdout  # a temporary one
+    assert_never_overlapped({study.workdir.name: training_spans(study) for study in studies})
+    assert sorted(p.name for p in (runtime / f"aemnist-slots-{os.getuid()}").iterdir()) == [
+        "aemnist-cpu-0.lock"
+    ]
 
 
 def test_flow_runs_are_named_after_profile_seed_and_config_and_task_runs_tagged(
