@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -50,15 +51,24 @@ _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 @dataclass(frozen=True)
 class StudyRun:
-    """The MLflow parent run of the study that wrote the report."""
+    """The MLflow parent run of the study that wrote the report, and the day it wrote it
+    (None in records written before they held it): a rebuild dates the report that day, so
+    that it comes out the same on any machine and any later day."""
 
     run_id: str
     experiment_id: str
+    date: str | None = None  # ISO 8601, YYYY-MM-DD
+
+    def with_date(self, day: date) -> StudyRun:
+        return dataclasses.replace(self, date=day.isoformat())
 
 
 def save_study_run(layout: Layout, run: StudyRun) -> None:
     """Record the run beside the report, so that `aemnist report` names it too."""
-    text = json.dumps({"run_id": run.run_id, "experiment_id": run.experiment_id}) + "\n"
+    record = {"run_id": run.run_id, "experiment_id": run.experiment_id}
+    if run.date is not None:
+        record["date"] = run.date
+    text = json.dumps(record) + "\n"
     atomic_write_bytes(layout.report_run, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
@@ -71,18 +81,34 @@ def _bad_run_record(path: Path, why: str) -> TableError:
 
 def read_study_run(layout: Layout) -> StudyRun | None:
     """The run recorded beside the report; None where there is none (a work dir written
-    before reports named their run). A record that is not one raises TableError."""
+    before reports named their run). A record without a date (written before records held
+    one) reads with none. A record that is not one raises TableError."""
     path = layout.report_run
     if not path.exists():
         return None
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        run = StudyRun(str(record["run_id"]), str(record["experiment_id"]))
-    except (ValueError, TypeError, KeyError) as exc:
+        day = record.get("date")
+        run = StudyRun(
+            str(record["run_id"]),
+            str(record["experiment_id"]),
+            None if day is None else date.fromisoformat(str(day)).isoformat(),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise _bad_run_record(path, f"{type(exc).__name__}: {exc}") from exc
     if not all(_ID.fullmatch(value) for value in (run.run_id, run.experiment_id)):
         raise _bad_run_record(path, "an id holds characters no MLflow id has")
     return run
+
+
+def report_date(run: StudyRun | None, today: date | None = None) -> date:
+    """The date the report names: ``today`` when given (the run writing it), else the one
+    its run record holds, else (an old record, or none) the date of today."""
+    if today is not None:
+        return today
+    if run is not None and run.date is not None:
+        return date.fromisoformat(run.date)
+    return date.today()
 
 
 @dataclass(frozen=True)
@@ -424,14 +450,21 @@ def table1_section(grid: pd.DataFrame, config: StudyConfig, agreement: str = "")
     )
 
 
-def figure_markdown(layout: Layout, key: str) -> str:
+def figure_markdown(layout: Layout, key: str, report_path: Path | None = None) -> str:
+    """Figure ``key`` of ``layout``, linked relative to the folder of ``report_path`` (where
+    the report is written; default: the work dir's report.md)."""
     fig = next(f for f in FIGURES if f.key == key)
-    link = Path(os.path.relpath(layout.figures_dir / fig.filename, layout.report.parent))
+    at = (report_path or layout.report).parent
+    link = Path(os.path.relpath(layout.figures_dir / fig.filename, at))
     return f"![Figure {fig.key}]({link.as_posix()})\n\n*Figure {fig.key}: {fig.caption}*"
 
 
 def table2_section(
-    sweep: pd.DataFrame, config: StudyConfig, layout: Layout, agreement: str = ""
+    sweep: pd.DataFrame,
+    config: StudyConfig,
+    layout: Layout,
+    agreement: str = "",
+    report_path: Path | None = None,
 ) -> str:
     score = score_column(sweep)
     on_test = score == "test_loss"
@@ -479,12 +512,17 @@ def table2_section(
             f"Seed: {SEED_BEST_SIZE} ({fmt_loss(SEED_TABLE2[SEED_BEST_SIZE])}).",
             *(["", agreement] if agreement else []),
             "",
-            figure_markdown(layout, "1a"),
+            figure_markdown(layout, "1a", report_path),
         ]
     )
 
 
-def final_section(tables: StudyTables, config: StudyConfig, layout: Layout) -> str:
+def final_section(
+    tables: StudyTables,
+    config: StudyConfig,
+    layout: Layout,
+    report_path: Path | None = None,
+) -> str:
     history = tables.final_history
     sizes = sorted({int(s) for s in history["size"]})
     size = ", ".join(str(s) for s in sizes) if sizes else DASH
@@ -537,7 +575,7 @@ def final_section(tables: StudyTables, config: StudyConfig, layout: Layout) -> s
             f"**Final test MSE: {ours}** (seed: {SEED_FINAL_TEST_MSE:g}, "
             f"ratio {fmt_ratio(test_mse, SEED_FINAL_TEST_MSE)}).",
             "",
-            figure_markdown(layout, "1b"),
+            figure_markdown(layout, "1b", report_path),
         ]
     )
 
@@ -610,7 +648,12 @@ def dead_starts_section(tables: StudyTables, config: StudyConfig) -> str:
     )
 
 
-def corruption_section(corruption: pd.DataFrame, config: StudyConfig, layout: Layout) -> str:
+def corruption_section(
+    corruption: pd.DataFrame,
+    config: StudyConfig,
+    layout: Layout,
+    report_path: Path | None = None,
+) -> str:
     rows = [
         [
             str(row["kind"]),
@@ -636,16 +679,21 @@ def corruption_section(corruption: pd.DataFrame, config: StudyConfig, layout: La
             "",
             f"Clipping of noisy pixels: {clip}.",
             "",
-            figure_markdown(layout, "2"),
+            figure_markdown(layout, "2", report_path),
             "",
-            figure_markdown(layout, "3"),
+            figure_markdown(layout, "3", report_path),
             "",
             md_table(["kind", "level", "reconstruction MSE", "baseline MSE"], rows),
         ]
     )
 
 
-def embedding_section(tables: StudyTables, config: StudyConfig, layout: Layout) -> str:
+def embedding_section(
+    tables: StudyTables,
+    config: StudyConfig,
+    layout: Layout,
+    report_path: Path | None = None,
+) -> str:
     rows = [[name, f"{value:.4f}"] for name, value in sorted(tables.embedding_metrics.items())]
     emb = tables.embedding
     e = config.embedding
@@ -661,7 +709,7 @@ def embedding_section(tables: StudyTables, config: StudyConfig, layout: Layout) 
             f"digit labels, in the latent space and in the 2-D map, and the silhouette of the "
             f"digit clusters in each (-1 to 1, higher is better separated).",
             "",
-            figure_markdown(layout, "4"),
+            figure_markdown(layout, "4", report_path),
             "",
             md_table(["metric", "value"], rows) if rows else "(no metrics recorded)",
         ]
@@ -878,33 +926,92 @@ def render_report(
     layout: Layout,
     today: date,
     run: StudyRun | None = None,
+    report_path: Path | None = None,
 ) -> str:
+    """The report's Markdown; its figure links (to ``layout``'s figures) are relative to the
+    folder of ``report_path`` (default: the work dir's report.md)."""
     sections = [
         header_section(config, today, run),
         targets_section(tables, config),
         table1_section(tables.grid, config, grid_agreement(tables)),
-        table2_section(tables.sweep, config, layout, size_agreement(tables)),
-        final_section(tables, config, layout),
+        table2_section(tables.sweep, config, layout, size_agreement(tables), report_path),
+        final_section(tables, config, layout, report_path),
         dead_starts_section(tables, config),
-        corruption_section(tables.corruption, config, layout),
-        embedding_section(tables, config, layout),
+        corruption_section(tables.corruption, config, layout, report_path),
+        embedding_section(tables, config, layout, report_path),
     ]
     return "\n\n".join(sections) + "\n"
 
 
+def report_markdown(
+    layout: Layout,
+    config: StudyConfig,
+    report_path: Path | None = None,
+    figures_of: Layout | None = None,
+    today: date | None = None,
+) -> str:
+    """The report `aemnist report` writes for the study in ``layout`` (its run and date from
+    the run record), without drawing the figures: the links point at those of ``figures_of``
+    (default: ``layout``), relative to the folder of ``report_path``."""
+    tables = load_study_tables(layout, config)
+    run = read_study_run(layout)
+    return render_report(
+        tables, config, figures_of or layout, report_date(run, today), run, report_path
+    )
+
+
+def stage_public_text(path: Path, text: str) -> Path:
+    """``text`` in a new hidden temporary file beside ``path``, readable as the user's umask
+    allows (a report written outside the work dir is for others to read, unlike the work
+    dir's files); the caller renames it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
 def build_report(
-    layout: Layout, config: StudyConfig, today: date | None = None, run: StudyRun | None = None
+    layout: Layout,
+    config: StudyConfig,
+    today: date | None = None,
+    run: StudyRun | None = None,
+    out: Path | None = None,
 ) -> Path:
-    """Render the figures into ``layout.figures_dir`` and write ``layout.report`` atomically.
+    """Render the figures into ``layout.figures_dir`` and write the report atomically: to
+    ``layout.report``, or to ``out`` with its figure links relative to ``out``'s folder.
 
     The report names ``run``, the MLflow run of the study writing it, and records it beside
-    itself (``layout.report_run``); without ``run`` (`aemnist report`), the recorded one."""
+    itself (``layout.report_run``) with the date of ``today`` (default: the date of today);
+    without ``run`` (`aemnist report`), the recorded run, dated as recorded."""
+    if out is not None and out.resolve() == layout.report.resolve():
+        out = None  # the work dir's own report: with its hash record, as always
     tables = load_study_tables(layout, config)
     if run is not None:
+        if run.date is None:
+            run = run.with_date(today or date.today())
         save_study_run(layout, run)
     else:
         run = read_study_run(layout)
     render_figures(tables, layout)
-    text = render_report(tables, config, layout, today or date.today(), run)
-    atomic_write_bytes(layout.report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return layout.report
+    text = render_report(tables, config, layout, report_date(run, today), run, out)
+    if out is None:
+        atomic_write_bytes(layout.report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return layout.report
+    tmp = stage_public_text(out, text)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out

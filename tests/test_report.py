@@ -6,7 +6,9 @@ report is built once per module (rendering five figures takes about a second).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from datetime import date
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from aemnist.report import (
     build_report,
     load_study_tables,
     load_tables,
+    read_study_run,
     render_report,
     report_figures,
     seed_comparison,
@@ -317,8 +320,49 @@ def test_the_report_names_its_studys_mlflow_run_and_a_rebuild_names_the_same(tmp
     assert "MLflow run" not in build_report(layout, config, TODAY).read_text(encoding="utf-8")
 
 
+def test_a_rebuild_keeps_the_date_its_study_recorded_whatever_today_is(tmp_path):
+    """The run writing the report records its date; `aemnist report` (no run, no date given)
+    dates the rebuild that day, so it equals the original byte for byte on any later day."""
+    layout, config = write_study(tmp_path / "study")
+    run = StudyRun("0123456789abcdef0123456789abcdef", "4")
+    built = build_report(layout, config, TODAY, run=run).read_text(encoding="utf-8")
+    assert read_study_run(layout) == StudyRun(run.run_id, run.experiment_id, "2024-01-02")
+    assert date.today() != TODAY
+    layout.report.unlink()
+    assert build_report(layout, config).read_text(encoding="utf-8") == built
+    # A record from before records held the date still reads; its rebuild is dated today.
+    layout.report_run.write_text(f'{{"run_id": "{run.run_id}", "experiment_id": "4"}}')
+    assert read_study_run(layout) == run
+    rebuilt = build_report(layout, config).read_text(encoding="utf-8")
+    assert f"- date: {date.today().isoformat()}\n" in rebuilt
+
+
+def test_a_report_written_elsewhere_links_its_figures_relative_to_itself(tmp_path):
+    """`aemnist report --out results/paper.md` beside the work dir results/paper links
+    paper/figures/...; the work dir's own report is left as it was."""
+    layout, config = write_study(tmp_path / "results" / "paper")
+    inside = build_report(layout, config, TODAY).read_text(encoding="utf-8")
+    out = tmp_path / "results" / "paper.md"
+    assert build_report(layout, config, TODAY, out=out) == out
+    beside = out.read_text(encoding="utf-8")
+    assert "](paper/figures/fig1a_size_sweep.png)" in beside
+    assert beside == inside.replace("](figures/", "](paper/figures/")
+    assert layout.report.read_text(encoding="utf-8") == inside
+    assert sorted(p.name for p in out.parent.iterdir()) == ["paper", "paper.md"]
+    # For readers as the user's umask allows, unlike the work dir's own files (0600).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~mask
+
+
 @pytest.mark.parametrize(
-    "record", ['{"run_id": "abc"}', "not json", '{"run_id": "a/../b", "experiment_id": "1"}']
+    "record",
+    [
+        '{"run_id": "abc"}',
+        "not json",
+        '{"run_id": "a/../b", "experiment_id": "1"}',
+        '{"run_id": "abc", "experiment_id": "1", "date": "yesterday"}',
+    ],
 )
 def test_a_damaged_run_record_stops_a_rebuild_with_one_line_naming_it(tmp_path, record):
     layout, config = write_study(tmp_path / "study")

@@ -1,7 +1,7 @@
 """``aemnist``: run the study, rebuild its report, browse its runs in the MLflow UI, and
 serve it in production (a Prefect server, deployments, a worker).
 
-The commands live in ``study_commands`` (run, status, report) and ``stack_commands``
+The commands live in ``study_commands`` (run, status, report, export) and ``stack_commands``
 (server, deploy, worker, ui); the options they share in ``options``.
 """
 
@@ -28,6 +28,7 @@ COMMANDS = (
     stack_commands.add_deploy,
     stack_commands.add_worker,
     study_commands.add_report,
+    study_commands.add_export,
     study_commands.add_config,
     bundle_commands.add_bundle,
 )
@@ -45,10 +46,11 @@ OFFLINE_DEFAULTS = {
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: one line, no traceback."""
     from aemnist.data import DataError
+    from aemnist.export import ExportError
     from aemnist.schemas import TableError
     from aemnist.tracking import TrackingError
 
-    return (ConfigError, DataError, TableError, TrackingError, StackError)
+    return (ConfigError, DataError, ExportError, TableError, TrackingError, StackError)
 
 
 # OSErrors that the machine causes, not the code: a full disk, a denied or read-only path, a

@@ -326,6 +326,12 @@ def _ui(args: argparse.Namespace) -> int:
         embedded_tracking_uri(workdir),
         "--default-artifact-root",
         (workdir / "mlartifacts").as_uri(),
+        # Runs whose artifact URI is proxied (mlflow-artifacts:/..., as an exported store's
+        # are: aemnist.export) are served from the work dir's artifact folder, wherever it
+        # now is; MLflow's own default is ./mlartifacts of whatever folder the UI started in.
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(workdir / "mlartifacts"),
         "--host",
         args.host,
         "--port",

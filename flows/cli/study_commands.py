@@ -123,10 +123,46 @@ def add_report(commands: Commands) -> None:
     report = commands.add_parser(
         "report",
         help="rebuild report.md from the stored tables",
-        description="Rebuild report.md and its figures from the tables of a finished study.",
+        description="Rebuild report.md and its figures from the tables of a finished study. "
+        "The report keeps the date its study recorded: a rebuild of the same tables gives the "
+        "same file on any machine and any day.",
     )
     add_workdir(report)
+    report.add_argument(
+        "--out",
+        type=Path,
+        metavar="PATH.md",
+        help="write the report there instead of WORKDIR/report.md, its figure links relative "
+        "to that file's folder (the figures stay in WORKDIR/figures)",
+    )
     report.set_defaults(handler=_report)
+
+
+def add_export(commands: Commands) -> None:
+    export = commands.add_parser(
+        "export",
+        help="copy a finished study to ship: tables, report, figures and a portable MLflow store",
+        description="Copy what a reader needs of a finished study into the new folder DIR: "
+        "its config, stage tables with their hash records, report, figures and MLflow store "
+        "(database and artifacts, its locations made relative, so that `aemnist ui --workdir "
+        "DIR` serves it wherever DIR lands); not the MNIST tables, checkpoints, cached "
+        "results, server state or credentials. Writes the report beside it as DIR.md (figure "
+        "links into DIR), which `aemnist report --workdir DIR --out DIR.md` rebuilds byte for "
+        "byte.",
+    )
+    add_workdir(export)
+    export.add_argument(
+        "--out", type=Path, required=True, metavar="DIR",
+        help="the folder to create (absent or empty), e.g. results/paper",
+    )  # fmt: skip
+    export.add_argument(
+        "--max-mb",
+        type=float,
+        default=25.0,
+        metavar="MB",
+        help="refuse, writing nothing, when the export would take more (default: 25)",
+    )
+    export.set_defaults(handler=_export)
 
 
 def add_config(commands: Commands) -> None:
@@ -405,5 +441,18 @@ def _report(args: argparse.Namespace) -> int:
 
     layout = Layout(args.workdir.resolve())
     config = read_saved_config(layout.config)
-    print(f"Report: {build_report(layout, config)}")
+    print(f"Report: {build_report(layout, config, out=args.out)}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from aemnist.export import export_study
+
+    done = export_study(args.workdir, args.out, args.max_mb)
+    print(
+        f"Exported {args.workdir.resolve()} to {done.folder}: {done.files} files, "
+        f"{done.size / 1e6:.1f} MB (at most {args.max_mb:g})"
+    )
+    print(f"Report: {done.report}")
+    print(f"Browse it: aemnist ui --workdir {done.folder}")
     return 0
