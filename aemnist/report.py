@@ -343,7 +343,7 @@ def table1_section(grid: pd.DataFrame, config: StudyConfig) -> str:
                 "",
                 f"Ours: Adam, {g.folds}-fold cross-validation, {_count(g.epochs, 'epoch')}, "
                 f"encoding size {g.size}; loss of the last epoch, mean ± standard deviation "
-                f"over folds. {NO_REFERENCE}",
+                f"over folds.",
                 "",
                 md_table(headers, [row[: len(headers)] for row in ours_rows]),
                 "",
@@ -443,7 +443,7 @@ def table2_section(sweep: pd.DataFrame, config: StudyConfig, layout: Layout) -> 
         "Seed: 50 epochs on the whole training set, scored on the test set, mean of the last "
         "5, one seed."
         if reference
-        else NO_REFERENCE
+        else ""
     )
     if not reference:  # our sizes only, without the seed's columns
         headers = headers[:3]
@@ -454,7 +454,7 @@ def table2_section(sweep: pd.DataFrame, config: StudyConfig, layout: Layout) -> 
             "",
             f"Ours: {_count(s.epochs, 'epoch')}, ReduceLROnPlateau (patience "
             f"{s.plateau_patience}), each epoch scored on {scored}; score = mean of the last "
-            f"{_count(s.score_last, 'epoch')} {spread}. {seed_text}",
+            f"{_count(s.score_last, 'epoch')} {spread}. {seed_text}".rstrip(),
             "",
             md_table(headers, rows),
             "",
@@ -508,7 +508,7 @@ def final_section(tables: StudyTables, config: StudyConfig, layout: Layout) -> s
     )
     if not reference:
         headers, rows = headers[:2], [row[:2] for row in rows]
-        final_line = f"**Final test MSE: {ours}**. {NO_REFERENCE}"
+        final_line = f"**Final test MSE: {ours}**."
     trained_on = (
         "the whole training set"
         if s.selection == "test"

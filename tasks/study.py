@@ -61,6 +61,8 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
             fault,
         )
     ensure_writable(layout.root)
+    if layout.study_dir != layout.root:  # another dataset's folder in the work dir
+        ensure_writable(layout.study_dir)
     save_config(config, layout.config)
     uri = resolve_tracking_uri(layout.root)
     tags = {
