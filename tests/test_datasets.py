@@ -210,6 +210,14 @@ def test_aemnist_run_with_an_unknown_dataset_stops_before_anything_in_one_line(
         "fashion-mnist, kmnist (--dataset or data.dataset in the config file)"
     ]
     assert not workdir.exists()
+    # The other commands that take --dataset say the same.
+    where = ["--workdir", str(workdir)]
+    for command in (["status", "--profile", "smoke", *where], ["report", *where], ["config"]):
+        other = run_cli([*command, "--dataset", "mnits"], home=tmp_path / "home")
+        assert other.returncode == 2 and "unknown dataset 'mnits'" in other.stderr, command
+    assert not workdir.exists()
+    shown = run_cli(["config", "--profile", "smoke", "--dataset", "kmnist"], home=tmp_path / "home")
+    assert json.loads(shown.stdout)["data"]["dataset"] == "kmnist"
 
 
 # --- layout and cache keys -----------------------------------------------------------------
@@ -413,3 +421,9 @@ def test_a_smoke_study_on_a_fashion_slice_through_the_command_line(tmp_path: Pat
     assert fashion.startswith("Study smoke on Fashion-MNIST (config ")
     assert "16 tasks: 15 cached, 1 done; a re-run computes 0." in fashion
     assert "16 tasks: 16 pending; a re-run computes 16." in status()
+    # `aemnist report --dataset` rebuilds that dataset's report, from its folder.
+    rebuilt = run_cli(
+        ["report", "--workdir", str(workdir), "--dataset", "fashion-mnist"], home=tmp_path / "home"
+    )
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert f"Report: {layout.report}" in rebuilt.stdout
