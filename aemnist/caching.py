@@ -111,7 +111,10 @@ def fingerprint(value: Any) -> Any:
     if isinstance(value, TableRef):
         return {"table_sha256": value.sha256}
     if isinstance(value, Layout):
-        return {"workdir": str(value.root)}
+        # MNIST's key as before datasets were a field: its earlier caches stay valid.
+        if value.dataset == "mnist":
+            return {"workdir": str(value.root)}
+        return {"workdir": str(value.root), "dataset": value.dataset}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             f.name: fingerprint(getattr(value, f.name))

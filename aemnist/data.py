@@ -1,4 +1,5 @@
-"""MNIST: fetch the four IDX files, check them against their SHA-256 pins, store them as parquet.
+"""MNIST (or Fashion-MNIST, KMNIST): fetch the four IDX files, check them against their pins
+(aemnist.datasets), store them as parquet.
 
 Sources, in order of preference: a mirror given by the caller (a directory or a URL holding
 the four files, gzip-compressed or raw), else torchvision's downloader and its public mirrors.
@@ -39,6 +40,15 @@ import pandas as pd
 import pyarrow as pa
 
 from aemnist.config import MIRROR_ENV
+from aemnist.datasets import (
+    DATASETS,
+    DEFAULT_DATASET,
+    SPLITS,
+    DatasetSpec,
+    IdxFile,
+    dataset_spec,
+    identify,
+)
 from aemnist.schemas import (
     N_PIXELS,
     TableError,
@@ -53,44 +63,10 @@ if TYPE_CHECKING:
     import torch
 
 
-@dataclass(frozen=True)
-class IdxFile:
-    name: str
-    n_bytes: int
-    sha256: str
-
-
-# Pins of the decompressed payloads (../shared/data/mnist/README.md): byte-identical to the
-# originals, whatever gzip wrapper a mirror uses.
-PINS: dict[str, IdxFile] = {
-    f.name: f
-    for f in (
-        IdxFile(
-            "train-images-idx3-ubyte",
-            47040016,
-            "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
-        ),
-        IdxFile(
-            "train-labels-idx1-ubyte",
-            60008,
-            "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
-        ),
-        IdxFile(
-            "t10k-images-idx3-ubyte",
-            7840016,
-            "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
-        ),
-        IdxFile(
-            "t10k-labels-idx1-ubyte",
-            10008,
-            "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
-        ),
-    )
-}
-SPLITS = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-}
+# MNIST's pins (aemnist.datasets holds every dataset's): the SHA-256 of the decompressed
+# payloads (../shared/data/mnist/README.md), byte-identical to the originals whatever gzip
+# wrapper a mirror uses.
+PINS: dict[str, IdxFile] = DATASETS[DEFAULT_DATASET].files
 SPLIT_ROWS = {"train": 60000, "test": 10000}
 
 
@@ -144,9 +120,10 @@ def has_secrets(url: str | Path | None) -> bool:
     return url is not None and redact_url(url) != str(url)
 
 
-def check_mirror(mirror: str | Path) -> None:
+def check_mirror(mirror: str | Path, title: str = "MNIST") -> None:
     """Refuse a mirror URL of a scheme other than file, http and https, or without a host;
-    a folder path passes (its existence is checked when the download reads it)."""
+    a folder path passes (its existence is checked when the download reads it). ``title``:
+    the dataset's, as the messages name the mirror."""
     text = str(mirror)
     if "://" not in text:
         return
@@ -154,7 +131,7 @@ def check_mirror(mirror: str | Path) -> None:
     scheme = text.split("://", 1)[0].lower()
     if scheme not in ALLOWED_SCHEMES:
         raise DataError(
-            f"MNIST mirror {shown}: {scheme}:// URLs are not supported; give a folder or a "
+            f"{title} mirror {shown}: {scheme}:// URLs are not supported; give a folder or a "
             f"{', '.join(s + '://' for s in ALLOWED_SCHEMES)} URL to --mnist-mirror or "
             f"{MIRROR_ENV}"
         )
@@ -163,15 +140,17 @@ def check_mirror(mirror: str | Path) -> None:
         parts.port  # noqa: B018 - raises on a port that is not a number
     except ValueError:
         raise DataError(
-            f"MNIST mirror {shown} is not a valid URL; check --mnist-mirror or {MIRROR_ENV}"
+            f"{title} mirror {shown} is not a valid URL; check --mnist-mirror or {MIRROR_ENV}"
         ) from None
     if scheme == "file" and parts.netloc not in ("", "localhost"):
         raise DataError(
-            f"MNIST mirror {shown}: a file URL names a folder on this machine "
+            f"{title} mirror {shown}: a file URL names a folder on this machine "
             f"(file:///path/to/folder); check --mnist-mirror or {MIRROR_ENV}"
         )
     if scheme != "file" and not parts.hostname:
-        raise DataError(f"MNIST mirror {shown} names no host; check --mnist-mirror or {MIRROR_ENV}")
+        raise DataError(
+            f"{title} mirror {shown} names no host; check --mnist-mirror or {MIRROR_ENV}"
+        )
 
 
 def flow_mirror_parameter(mirror: str | None) -> str | None:
@@ -224,22 +203,81 @@ def parse_idx(payload: bytes, name: str) -> np.ndarray:
     return np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def check_pin(payload: bytes, name: str, source: str) -> None:
-    pin = PINS[name]
+def _fix(spec: DatasetSpec) -> str:
+    return (
+        f"replace it or point {MIRROR_ENV} / --mnist-mirror at a folder holding "
+        f"{spec.title}'s four files"
+    )
+
+
+def check_pin(payload: bytes, name: str, source: str, dataset: str = DEFAULT_DATASET) -> None:
+    """Refuse a decompressed payload whose SHA-256 is not the pinned one, naming the
+    dataset it is when it is another's."""
+    spec = dataset_spec(dataset)
+    pin = spec.files[name]
     digest = hashlib.sha256(payload).hexdigest()
     if digest != pin.sha256:
+        _refuse_foreign(spec, name, source, identify(sha256=digest))
         raise DataError(
             f"{source}: wrong SHA-256 for the decompressed {name} (got {digest}, expected "
             f"{pin.sha256}, {pin.n_bytes} bytes; this one has {len(payload)}); the file is "
-            f"damaged or not the original MNIST: replace it or point {MIRROR_ENV} / "
-            f"--mnist-mirror at a good copy"
+            f"damaged or not the original {spec.title}: {_fix(spec)}"
         )
 
 
-def _decompress(raw: bytes, source: str, name: str) -> bytes:
+def _refuse_foreign(
+    spec: DatasetSpec, name: str, source: str, found: tuple[str, str] | None
+) -> None:
+    """Raise when a file is pinned as another dataset's (``found``: which, by
+    aemnist.datasets.identify): the mirror holds that dataset, not the one the study uses."""
+    if found is None or found[0] == spec.name:
+        return
+    other = DATASETS[found[0]]
+    raise DataError(
+        f"{source}: this is {other.title}'s {found[1]}, not {spec.title}'s {name}: the mirror "
+        f"holds {other.title}, and the study uses {spec.title} (data.dataset = "
+        f"{spec.name!r}); point {MIRROR_ENV} / --mnist-mirror at {spec.title}'s files, or "
+        f"run with --dataset {other.name}"
+    )
+
+
+def verified_payload(spec: DatasetSpec, name: str, raw: bytes, packed: bool, source: str) -> bytes:
+    """The decompressed payload of one file as read (``packed``: gzip-compressed), checked
+    against its pin: the payload's SHA-256 where the dataset pins it, else the ``.gz``
+    file's published MD5. Another dataset's file is refused naming both datasets."""
+    pin = spec.files[name]
+    if packed:
+        md5 = hashlib.md5(raw, usedforsecurity=False).hexdigest()
+        if md5 != pin.gz_md5:
+            _refuse_foreign(spec, name, source, identify(gz_md5=md5))
+        elif pin.sha256 is None:
+            return _decompress(raw, source, name, spec)
+        # A dataset pinned by SHA-256 (MNIST) is checked on its payload, whatever its .gz.
+        payload = _decompress(raw, source, name, spec)
+    else:
+        payload = raw
+    if pin.sha256 is not None:
+        check_pin(payload, name, source, spec.name)
+        return payload
+    _refuse_foreign(spec, name, source, identify(sha256=hashlib.sha256(payload).hexdigest()))
+    if not packed:
+        raise DataError(
+            f"{source}: {spec.title}'s files are pinned by the MD5 of their published .gz "
+            f"files, so an uncompressed {name} cannot be verified; give the mirror the four "
+            f"original .gz files ({name}.gz, ...)"
+        )
+    raise DataError(
+        f"{source}: wrong MD5 for {name}.gz (got {md5}, expected {pin.gz_md5}, the published "
+        f"{spec.title} file); the file is damaged or not the original {spec.title}: "
+        f"{_fix(spec)}"
+    )
+
+
+def _decompress(raw: bytes, source: str, name: str, spec: DatasetSpec | None = None) -> bytes:
     """The payload of a gzip file, stopped one byte past the pinned size: a gzip bomb (a few
     MB that inflate to gigabytes) is refused before it fills the memory."""
-    limit = PINS[name].n_bytes
+    spec = spec or DATASETS[DEFAULT_DATASET]
+    limit = spec.files[name].n_bytes
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(raw)) as packed:
             payload = packed.read(limit + 1)
@@ -251,8 +289,7 @@ def _decompress(raw: bytes, source: str, name: str) -> bytes:
     if len(payload) > limit:
         raise DataError(
             f"{source}: decompresses to more than the {limit} bytes of the original {name}; "
-            f"it is not the original MNIST file: replace it or point {MIRROR_ENV} / "
-            f"--mnist-mirror at a good copy"
+            f"it is not the original {spec.title} file: {_fix(spec)}"
         )
     return payload
 
@@ -284,15 +321,19 @@ def _read_capped(
     return b"".join(chunks)
 
 
-def _read_from_dir(mirror: Path, name: str, limit: int) -> tuple[bytes, str]:
+# One file as read from a mirror: its bytes, whether they are gzip-compressed, where from.
+Read = tuple[bytes, bool, str]
+
+
+def _read_from_dir(mirror: Path, name: str, limit: int, title: str = "MNIST") -> Read:
     for candidate, packed in ((mirror / f"{name}.gz", True), (mirror / name, False)):
         if candidate.exists():
             with open(candidate, "rb") as fh:
                 raw = _read_capped(fh.read, str(candidate), limit)
-            return (_decompress(raw, str(candidate), name) if packed else raw), str(candidate)
+            return raw, packed, str(candidate)
     raise DataError(
-        f"MNIST mirror {mirror} has no {name}.gz (nor {name}); point {MIRROR_ENV} or "
-        f"--mnist-mirror at a folder holding the four MNIST files"
+        f"{title} mirror {mirror} has no {name}.gz (nor {name}); point {MIRROR_ENV} or "
+        f"--mnist-mirror at a folder holding the four {title} files"
     )
 
 
@@ -362,8 +403,12 @@ def _file_url(base: str, name: str) -> str:
 
 
 def _read_from_url(
-    mirror: str, name: str, timeout: float = 60.0, limit: int = MAX_DOWNLOAD_BYTES
-) -> tuple[bytes, str]:
+    mirror: str,
+    name: str,
+    timeout: float = 60.0,
+    limit: int = MAX_DOWNLOAD_BYTES,
+    title: str = "MNIST",
+) -> Read:
     """One file from a mirror URL, gzipped or raw. Raises MirrorUnreachable (retried) when
     a transient error stopped it, DataError when the mirror is wrong or refuses."""
     errors = []
@@ -385,44 +430,60 @@ def _read_from_url(
             transient |= _is_transient(exc)
             errors.append(f"{shown}: {_describe(exc)}")
             continue
-        return (_decompress(raw, shown, name) if packed else raw), shown
+        return raw, packed, shown
     error = MirrorUnreachable if transient else DataError
     raise error(
-        f"MNIST mirror {redact_url(mirror)} did not serve {name} ({'; '.join(errors)}); "
+        f"{title} mirror {redact_url(mirror)} did not serve {name} ({'; '.join(errors)}); "
         f"check the URL given by {MIRROR_ENV} or --mnist-mirror"
         + ("; retrying" if transient else "")
     )
 
 
-def _read_with_torchvision(cache: Path) -> dict[str, tuple[bytes, str]]:
-    from torchvision.datasets import MNIST
+def _read_with_torchvision(cache: Path, spec: DatasetSpec) -> dict[str, Read]:
+    import torchvision.datasets
 
+    downloader = getattr(torchvision.datasets, spec.torchvision_class)
     try:
-        MNIST(root=str(cache), train=True, download=True)
-        MNIST(root=str(cache), train=False, download=True)
+        downloader(root=str(cache), train=True, download=True)
+        downloader(root=str(cache), train=False, download=True)
     except Exception as exc:  # network errors come in many types
         raise MirrorUnreachable(
-            f"could not download MNIST from torchvision's public mirrors ({exc}); without "
-            f"internet, point {MIRROR_ENV} or --mnist-mirror at a folder holding the four "
-            f"MNIST files (e.g. ../shared/data/mnist)"
+            f"could not download {spec.title} from torchvision's public mirrors ({exc}); "
+            f"without internet, point {MIRROR_ENV} or --mnist-mirror at a folder holding the "
+            f"four {spec.title} files"
+            + (" (e.g. ../shared/data/mnist)" if spec.name == DEFAULT_DATASET else "")
         ) from exc
-    raw_dir = cache / "MNIST" / "raw"
-    return {name: ((raw_dir / name).read_bytes(), str(raw_dir / name)) for name in PINS}
+    raw_dir = cache / spec.torchvision_class / "raw"
+    # torchvision keeps each .gz beside what it extracted: a dataset pinned by its .gz's
+    # MD5 is checked on that, MNIST on the payload.
+    packed = not spec.checked_by_payload
+    return {
+        name: (path.read_bytes(), packed, str(path))
+        for name in spec.files
+        for path in [raw_dir / (f"{name}.gz" if packed else name)]
+    }
 
 
 def fetch_payloads(
-    mirror: str | Path | None, cache: Path, limit: int = MAX_DOWNLOAD_BYTES
+    mirror: str | Path | None,
+    cache: Path,
+    limit: int = MAX_DOWNLOAD_BYTES,
+    dataset: str = DEFAULT_DATASET,
 ) -> dict[str, tuple[bytes, str]]:
-    """The four decompressed, pin-checked payloads with where each came from (a URL
-    redacted). A mirror is a folder or a file, http or https URL; each file is read in
+    """The four decompressed, pin-checked payloads of ``dataset`` with where each came from
+    (a URL redacted). A mirror is a folder or a file, http or https URL; each file is read in
     chunks and refused past ``limit`` bytes."""
+    spec = dataset_spec(dataset)
+    title = spec.title
     if mirror is None or str(mirror) == "":
-        payloads = _read_with_torchvision(cache)
+        reads = _read_with_torchvision(cache, spec)
     else:
         text = str(mirror)
-        check_mirror(text)
+        check_mirror(text, title)
         if "://" in text and not text.lower().startswith("file://"):
-            payloads = {name: _read_from_url(text, name, limit=limit) for name in PINS}
+            reads = {
+                name: _read_from_url(text, name, limit=limit, title=title) for name in spec.files
+            }
         else:
             if "://" in text:
                 folder = Path(unquote(urlsplit(text).path))
@@ -430,13 +491,15 @@ def fetch_payloads(
                 folder = Path(text).expanduser()
             if not folder.is_dir():
                 raise DataError(
-                    f"MNIST mirror {folder} does not exist or is not a folder; point "
-                    f"{MIRROR_ENV} or --mnist-mirror at the folder holding the four MNIST files"
+                    f"{title} mirror {folder} does not exist or is not a folder; point "
+                    f"{MIRROR_ENV} or --mnist-mirror at the folder holding the four {title} "
+                    f"files"
                 )
-            payloads = {name: _read_from_dir(folder, name, limit) for name in PINS}
-    for name, (payload, source) in payloads.items():
-        check_pin(payload, name, source)
-    return payloads
+            reads = {name: _read_from_dir(folder, name, limit, title) for name in spec.files}
+    return {
+        name: (verified_payload(spec, name, raw, packed, source), source)
+        for name, (raw, packed, source) in reads.items()
+    }
 
 
 def mnist_frame(images: np.ndarray, labels: np.ndarray) -> pa.Table:
@@ -454,18 +517,22 @@ def mnist_frame(images: np.ndarray, labels: np.ndarray) -> pa.Table:
     )
 
 
-def mnist_paths(data_dir: Path) -> dict[str, Path]:
-    return {split: data_dir / f"mnist_{split}.parquet" for split in SPLITS}
+def mnist_paths(data_dir: Path, dataset: str = DEFAULT_DATASET) -> dict[str, Path]:
+    """The tables of ``dataset`` in ``data_dir``: ``mnist_train.parquet``, ...,
+    ``fashion-mnist_train.parquet``: each named after its dataset, in MLflow too."""
+    return {split: data_dir / f"{dataset}_{split}.parquet" for split in SPLITS}
 
 
-def verified_tables(data_dir: Path) -> dict[str, TableRef] | None:
-    """The existing MNIST tables if both are intact (their SHA-256 matches the record written
-    beside them), have the mnist schema and row count, and were built from pinned files.
+def verified_tables(data_dir: Path, dataset: str = DEFAULT_DATASET) -> dict[str, TableRef] | None:
+    """The existing tables of ``dataset`` if both are intact (their SHA-256 matches the record
+    written beside them), have the mnist schema and the dataset's row count, and were built
+    from its pinned files.
 
     Only the parquet footer is read: decoding 55 MB of pixels on every run cost a cached
     re-run about 1.5 s, and the recorded SHA-256 already catches any changed byte."""
+    spec = dataset_spec(dataset)
     refs = {}
-    for split, path in mnist_paths(data_dir).items():
+    for split, path in mnist_paths(data_dir, dataset).items():
         ref = recorded_ref(path)
         if ref is None:
             return None
@@ -473,10 +540,8 @@ def verified_tables(data_dir: Path) -> dict[str, TableRef] | None:
             rows, meta = table_footer(path, "mnist")
         except TableError:
             return None
-        names = SPLITS[split]
-        if rows != SPLIT_ROWS[split] or any(
-            meta.get(f"sha256.{n}") != PINS[n].sha256 for n in names
-        ):
+        pins = spec.table_metadata(split)
+        if rows != spec.rows[split] or any(meta.get(k) != v for k, v in pins.items()):
             return None
         refs[split] = TableRef(ref.path, ref.sha256, rows)
     return refs
@@ -496,17 +561,21 @@ def ensure_writable(folder: Path) -> None:
 
 
 def download_mnist(
-    data_dir: Path, mirror: str | Path | None, force: bool = False
+    data_dir: Path,
+    mirror: str | Path | None,
+    force: bool = False,
+    dataset: str = DEFAULT_DATASET,
 ) -> tuple[dict[str, TableRef], bool]:
-    """Write ``mnist_train.parquet`` and ``mnist_test.parquet``; return them and whether
-    anything was fetched. With verified tables already present nothing is downloaded,
-    unless ``force``."""
-    existing = None if force else verified_tables(data_dir)
+    """Write ``mnist_train.parquet`` and ``mnist_test.parquet`` (``<dataset>_train.parquet``,
+    ...: MNIST, Fashion-MNIST or KMNIST); return them and whether anything was fetched. With
+    verified tables already present nothing is downloaded, unless ``force``."""
+    spec = dataset_spec(dataset)
+    existing = None if force else verified_tables(data_dir, dataset)
     if existing is not None:
         return existing, False
     ensure_writable(data_dir)
     cache = data_dir / "torchvision"
-    payloads = fetch_payloads(mirror, cache)
+    payloads = fetch_payloads(mirror, cache, dataset=dataset)
     # Parse everything before writing anything: a bad file leaves earlier tables untouched.
     tables = {}
     for split, (images_name, labels_name) in SPLITS.items():
@@ -519,8 +588,8 @@ def download_mnist(
             )
         tables[split] = mnist_frame(images, labels)
     refs = {}
-    for split, path in mnist_paths(data_dir).items():
-        meta = {f"sha256.{n}": PINS[n].sha256 for n in SPLITS[split]}
+    for split, path in mnist_paths(data_dir, dataset).items():
+        meta = spec.table_metadata(split)
         refs[split] = write_table(tables[split], path, "mnist", metadata=meta)
     if cache.exists():
         shutil.rmtree(cache, ignore_errors=True)

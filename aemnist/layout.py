@@ -37,42 +37,56 @@ def _repeat(repeat: int) -> str:
 
 @dataclass(frozen=True)
 class Layout:
+    """The files of one dataset's study in the work dir ``root``.
+
+    MNIST's lie in the work dir itself, as they always have (earlier work dirs and caches
+    stay valid); another dataset's in a folder of its own, ``root/<dataset>`` (``study_dir``),
+    tables, cache, checkpoints, figures and report alike, so that switching datasets in one
+    work dir never reads, reuses or overwrites the other's results. The work dir's lock,
+    MLflow store and servers stay in ``root``, shared (runs carry a ``dataset`` tag)."""
+
     root: Path
+    dataset: str = "mnist"
+
+    @property
+    def study_dir(self) -> Path:
+        """Where this dataset's files lie: the work dir for MNIST, else a folder in it."""
+        return self.root if self.dataset == "mnist" else self.root / self.dataset
 
     @property
     def data_dir(self) -> Path:
-        return self.root / "data"
+        return self.study_dir / "data"
 
     @property
     def train_table(self) -> Path:
-        return self.data_dir / "mnist_train.parquet"
+        return self.data_dir / f"{self.dataset}_train.parquet"
 
     @property
     def test_table(self) -> Path:
-        return self.data_dir / "mnist_test.parquet"
+        return self.data_dir / f"{self.dataset}_test.parquet"
 
     @property
     def config(self) -> Path:
-        return self.root / "study_config.json"
+        return self.study_dir / "study_config.json"
 
     @property
     def folds(self) -> Path:
-        return self.root / "folds.parquet"
+        return self.study_dir / "folds.parquet"
 
     def grid_history(self, lr: float, weight_decay: float, fold: int, repeat: int = 0) -> Path:
         name = f"lr={_num(lr)}_wd={_num(weight_decay)}_fold={fold}{_repeat(repeat)}"
-        return self.root / "grid" / f"{name}.parquet"
+        return self.study_dir / "grid" / f"{name}.parquet"
 
     @property
     def grid_summary(self) -> Path:
-        return self.root / "grid_summary.parquet"
+        return self.study_dir / "grid_summary.parquet"
 
     def sweep_history(self, size: int, repeat: int = 0) -> Path:
-        return self.root / "sweep" / f"size={size}{_repeat(repeat)}.parquet"
+        return self.study_dir / "sweep" / f"size={size}{_repeat(repeat)}.parquet"
 
     @property
     def sweep_summary(self) -> Path:
-        return self.root / "sweep_summary.parquet"
+        return self.study_dir / "sweep_summary.parquet"
 
     @property
     def final_model(self) -> Path:
@@ -88,59 +102,63 @@ class Layout:
         return self.final_metrics_of(0)
 
     def final_model_of(self, repeat: int) -> Path:
-        return self.root / "final" / f"model{_repeat(repeat)}.pt"
+        return self.study_dir / "final" / f"model{_repeat(repeat)}.pt"
 
     def final_history_of(self, repeat: int) -> Path:
-        return self.root / "final" / f"history{_repeat(repeat)}.parquet"
+        return self.study_dir / "final" / f"history{_repeat(repeat)}.parquet"
 
     def final_metrics_of(self, repeat: int) -> Path:
-        return self.root / "final" / f"metrics{_repeat(repeat)}.parquet"
+        return self.study_dir / "final" / f"metrics{_repeat(repeat)}.parquet"
 
     @property
     def corruption(self) -> Path:
-        return self.root / "corruption.parquet"
+        return self.study_dir / "corruption.parquet"
 
     @property
     def corruption_examples(self) -> Path:
-        return self.root / "corruption_examples.parquet"
+        return self.study_dir / "corruption_examples.parquet"
 
     @property
     def embedding(self) -> Path:
-        return self.root / "embedding.parquet"
+        return self.study_dir / "embedding.parquet"
 
     @property
     def embedding_metrics(self) -> Path:
-        return self.root / "embedding_metrics.parquet"
+        return self.study_dir / "embedding_metrics.parquet"
 
     @property
     def figures_dir(self) -> Path:
-        return self.root / "figures"
+        return self.study_dir / "figures"
 
     @property
     def report(self) -> Path:
-        return self.root / "report.md"
+        return self.study_dir / "report.md"
 
     @property
     def report_run(self) -> Path:
         """The MLflow run of the study that wrote the report (which the report names)."""
-        return self.root / "report_run.json"
+        return self.study_dir / "report_run.json"
 
     @property
     def cache_dir(self) -> Path:
         """Prefect's persisted task results, keyed by aemnist.caching.stage_key."""
-        return self.root / "cache"
+        return self.study_dir / "cache"
 
     def make_private(self) -> dict[Path, int]:
         """The work dir and its cache folder, created (or narrowed to) mode 0700; returns
         each one's mode afterwards. An existing folder that holds no study yet (`--workdir .`,
         say) keeps its mode: narrowing a user's own folder is not ours to decide."""
-        ours = not self.root.exists() or self.config.exists() or self.cache_dir.exists()
-        return {
-            self.root: private_dir(self.root, narrow=ours),
-            self.cache_dir: private_dir(self.cache_dir),
-        }
+        mnist = Layout(self.root)  # the work dir's own study files, whichever dataset runs
+        ours = not self.root.exists() or any(
+            p.exists() for p in (mnist.config, mnist.cache_dir, self.config, self.cache_dir)
+        )
+        modes = {self.root: private_dir(self.root, narrow=ours)}
+        if self.study_dir != self.root:
+            modes[self.study_dir] = private_dir(self.study_dir)
+        modes[self.cache_dir] = private_dir(self.cache_dir)
+        return modes
 
     def checkpoint(self, label: str) -> Path:
         """The per-epoch training state of one task (``label`` as in its task run name)."""
         slug = "".join(c if c.isalnum() or c in ".=-" else "_" for c in label)
-        return self.root / "checkpoints" / f"{slug}.pt"
+        return self.study_dir / "checkpoints" / f"{slug}.pt"

@@ -20,6 +20,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from aemnist.datasets import dataset_spec, has_reference  # noqa: E402
 from aemnist.reference import SEED_FINAL_SIZE, SEED_FINAL_TEST_MSE, SEED_TABLE2  # noqa: E402
 from aemnist.schemas import atomic_write_bytes  # noqa: E402
 from aemnist.summaries import score_column  # noqa: E402
@@ -50,6 +51,12 @@ def digit_colour(digit: int) -> tuple[float, float, float]:
     return DIGIT_COLOURS[int(digit) % len(DIGIT_COLOURS)]
 
 
+def class_name(dataset: str, label: int) -> str:
+    """Label ``label``'s name in ``dataset`` (MNIST's digits are their own names)."""
+    classes = dataset_spec(dataset).classes
+    return classes[label] if 0 <= label < len(classes) else str(label)
+
+
 def spans_decades(values: Iterable[float], ratio: float = 10.0) -> bool:
     """Whether the positive finite values span at least ``ratio`` (a decade by default)."""
     arr = np.asarray(list(values), dtype=float)
@@ -77,11 +84,18 @@ def _save(fig: Figure, out: Path) -> Path:
     return out
 
 
-def plot_size_sweep(sweep_summary_df: pd.DataFrame, out: Path) -> Path:
-    """Figure 1a: test loss (Table 2 score) against encoding size, ours and the seed's."""
+def _titled(title: str, dataset: str) -> str:
+    """A figure's title naming its dataset."""
+    return f"{dataset_spec(dataset).title}: {title}"
+
+
+def plot_size_sweep(sweep_summary_df: pd.DataFrame, out: Path, dataset: str = "mnist") -> Path:
+    """Figure 1a: test loss (Table 2 score) against encoding size, ours and (MNIST) the
+    seed's."""
     ours = sweep_summary_df.sort_values("size")
     score = score_column(ours)
-    seed_sizes = sorted(SEED_TABLE2)
+    reference = has_reference(dataset)
+    seed_sizes = sorted(SEED_TABLE2) if reference else []
     seed_loss = [SEED_TABLE2[s] for s in seed_sizes]
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
@@ -95,20 +109,23 @@ def plot_size_sweep(sweep_summary_df: pd.DataFrame, out: Path) -> Path:
         capsize=3,
         label="ours (test set)" if score == "test_loss" else "ours (held-out validation)",
     )
-    (seed_line,) = ax.plot(
-        seed_sizes,
-        seed_loss,
-        color=SEED_COLOUR,
-        marker="s",
-        linestyle="--",
-        label="seed (Table 2)",
-    )
+    handles = [ours_line]
+    if reference:
+        (seed_line,) = ax.plot(
+            seed_sizes,
+            seed_loss,
+            color=SEED_COLOUR,
+            marker="s",
+            linestyle="--",
+            label="seed (Table 2)",
+        )
+        handles.append(seed_line)
     ax.set_xticks(sorted(set(seed_sizes) | set(ours["size"].astype(int))))
     ax.set_xlabel("encoding size")
     ax.set_ylabel("loss (MSE, mean of the last epochs)")
-    ax.set_title("Loss against encoding size")
+    ax.set_title(_titled("loss against encoding size", dataset))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(handles=[ours_line, seed_line])
+    ax.legend(handles=handles)
     return _save(fig, out)
 
 
@@ -120,7 +137,7 @@ def _lr_drops(history: pd.DataFrame) -> list[int]:
     return [int(e) for e, prev, cur in zip(epochs[1:], lr[:-1], lr[1:], strict=True) if cur < prev]
 
 
-def plot_training_curves(final_history_df: pd.DataFrame, out: Path) -> Path:
+def plot_training_curves(final_history_df: pd.DataFrame, out: Path, dataset: str = "mnist") -> Path:
     """Figure 1b: train and test loss against epoch for the final model."""
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.add_subplot()
@@ -141,22 +158,25 @@ def plot_training_curves(final_history_df: pd.DataFrame, out: Path) -> Path:
                 linestyle=":",
                 label="learning rate reduced" if i == 0 else None,
             )
-    ax.axhline(
-        SEED_FINAL_TEST_MSE,
-        color=SEED_COLOUR,
-        linestyle="--",
-        label=f"seed: final test MSE {SEED_FINAL_TEST_MSE:g} (size {SEED_FINAL_SIZE})",
-    )
+    if has_reference(dataset):
+        ax.axhline(
+            SEED_FINAL_TEST_MSE,
+            color=SEED_COLOUR,
+            linestyle="--",
+            label=f"seed: final test MSE {SEED_FINAL_TEST_MSE:g} (size {SEED_FINAL_SIZE})",
+        )
     sizes = ", ".join(str(int(s)) for s, _ in groups)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss (MSE)")
-    ax.set_title(f"Final model (encoding size {sizes}): training curves")
+    ax.set_title(_titled(f"final model (encoding size {sizes}), training curves", dataset))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     return _save(fig, out)
 
 
-def _corruption_curves(ax: Axes, curves: pd.DataFrame, kinds: Sequence[str]) -> None:
+def _corruption_curves(
+    ax: Axes, curves: pd.DataFrame, kinds: Sequence[str], dataset: str = "mnist"
+) -> None:
     """Reconstruction and baseline MSE against level for each kind, 95 % intervals shaded."""
     log = _loss_scale(ax, list(curves["mse"]) + list(curves["baseline_mse"]))
     several = len(kinds) > 1
@@ -185,7 +205,7 @@ def _corruption_curves(ax: Axes, curves: pd.DataFrame, kinds: Sequence[str]) -> 
     ax.set_xlabel(CORRUPTION_LABELS.get(kinds[0], f"{kinds[0]} level"))
     ax.set_ylabel("MSE against the clean image (95 % interval shaded)")
     title = " and ".join(CORRUPTION_NAMES.get(k, k) for k in kinds)
-    ax.set_title(f"Reconstruction under {title.lower()}")
+    ax.set_title(_titled(f"reconstruction under {title.lower()}", dataset))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
 
@@ -230,6 +250,7 @@ def plot_corruption(
     examples_df: pd.DataFrame,
     kinds: str | Sequence[str],
     out: Path,
+    dataset: str = "mnist",
 ) -> Path:
     """Figures 2 (noise) and 3 (occlusion: random pixels and a square patch): MSE and
     baseline against level with 95 % intervals (top), and one example image corrupted at
@@ -247,15 +268,22 @@ def plot_corruption(
     heights = [4.0] + [2 * cell + 0.35] * len(grids)
     fig = Figure(figsize=(width, sum(heights)), layout="constrained")
     spec = fig.add_gridspec(len(heights), 1, height_ratios=heights)
-    _corruption_curves(fig.add_subplot(spec[0]), curves, kinds)
+    _corruption_curves(fig.add_subplot(spec[0]), curves, kinds, dataset)
     for row, (kind, grid) in enumerate(grids, start=1):
         title = CORRUPTION_NAMES.get(kind, kind) if len(grids) > 1 else None
         _example_grid(fig.add_subplot(spec[row]), grid, title)
     return _save(fig, out)
 
 
-def plot_tsne(embedding_df: pd.DataFrame, out: Path) -> Path:
-    """Figure 4: the t-SNE map of the encoding space, one colour per digit."""
+def plot_tsne(embedding_df: pd.DataFrame, out: Path, dataset: str = "mnist") -> Path:
+    """Figure 4: the t-SNE map of the encoding space, one colour per class (a digit of
+    MNIST's; Fashion-MNIST's and KMNIST's named in the legend as torchvision names them)."""
+    return _save(tsne_figure(embedding_df, dataset), out)
+
+
+def tsne_figure(embedding_df: pd.DataFrame, dataset: str = "mnist") -> Figure:
+    """Figure 4 before it is saved (its legend is what tests read)."""
+    spec = dataset_spec(dataset)
     fig = Figure(figsize=(6.8, 5.6), layout="constrained")
     ax = fig.add_subplot()
     for digit in sorted(int(d) for d in embedding_df["label"].unique()):
@@ -266,10 +294,11 @@ def plot_tsne(embedding_df: pd.DataFrame, out: Path) -> Path:
             s=6,
             alpha=0.8,
             color=digit_colour(digit),
-            label=str(digit),
+            label=class_name(spec.name, digit),
         )
     ax.set_xlabel("t-SNE 1")
     ax.set_ylabel("t-SNE 2")
-    ax.set_title(f"Encoding space, t-SNE ({len(embedding_df)} test images)")
-    ax.legend(title="digit", loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3)
-    return _save(fig, out)
+    ax.set_title(_titled(f"encoding space, t-SNE ({len(embedding_df)} test images)", dataset))
+    legend = "digit" if spec.name == "mnist" else "class"
+    ax.legend(title=legend, loc="center left", bbox_to_anchor=(1.0, 0.5), markerscale=3)
+    return fig

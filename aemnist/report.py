@@ -18,6 +18,7 @@ import pandas as pd
 
 from aemnist.config import StudyConfig
 from aemnist.corruption import DEFINITIONS
+from aemnist.datasets import dataset_spec, has_reference
 from aemnist.layout import Layout
 from aemnist.plan import grid_cells, sweep_cells
 from aemnist.reference import (
@@ -45,6 +46,8 @@ from aemnist.summaries import (
 )
 
 DASH = "—"
+# What a study on another dataset than MNIST shows in place of the seed's numbers.
+NO_REFERENCE = "No reference: the seed studied MNIST only."
 # An MLflow run or experiment id as the report's run record may hold it.
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -264,12 +267,15 @@ def render_figures(tables: StudyTables, layout: Layout) -> list[Path]:
     from aemnist import plots
 
     fig1a, fig1b, fig2, fig3, fig4 = report_figures(layout)
+    data = layout.dataset
     return [
-        plots.plot_size_sweep(tables.sweep, fig1a),
-        plots.plot_training_curves(tables.final_history, fig1b),
-        plots.plot_corruption(tables.corruption, tables.examples, "noise", fig2),
-        plots.plot_corruption(tables.corruption, tables.examples, ("occlusion", "patch"), fig3),
-        plots.plot_tsne(tables.embedding, fig4),
+        plots.plot_size_sweep(tables.sweep, fig1a, data),
+        plots.plot_training_curves(tables.final_history, fig1b, data),
+        plots.plot_corruption(tables.corruption, tables.examples, "noise", fig2, data),
+        plots.plot_corruption(
+            tables.corruption, tables.examples, ("occlusion", "patch"), fig3, data
+        ),
+        plots.plot_tsne(tables.embedding, fig4, data),
     ]
 
 
@@ -338,9 +344,10 @@ def header_section(config: StudyConfig, today: date, run: StudyRun | None = None
         if run
         else []
     )  # fmt: skip
+    reference = has_reference(config.data.dataset)
     return "\n".join(
         [
-            "# aemnist study report",
+            f"# aemnist study report: {dataset_spec(config.data.dataset).title}",
             "",
             f"- profile: **{config.profile}**",
             f"- seed: {config.seed}",
@@ -358,12 +365,15 @@ def header_section(config: StudyConfig, today: date, run: StudyRun | None = None
             "",
             "Every number below is read from the study's stored tables; the seed's figures "
             "come from the seed report (Tables 1 and 2, section 3). A dash (—) marks a row "
-            "that only one side has. Ratios are ours / seed (below 1: ours is lower).",
+            "that only one side has. Ratios are ours / seed (below 1: ours is lower)."
+            if reference
+            else f"Every number below is read from the study's stored tables. {NO_REFERENCE}",
         ]
     )
 
 
 def table1_section(grid: pd.DataFrame, config: StudyConfig, agreement: str = "") -> str:
+    reference = has_reference(config.data.dataset)
     ours_rows = []
     for _, row in grid.sort_values("rank").iterrows():
         seed = seed_grid_row(row["lr"], row["weight_decay"])
@@ -397,6 +407,26 @@ def table1_section(grid: pd.DataFrame, config: StudyConfig, agreement: str = "")
         )
     best = best_grid_row(grid)
     g = config.grid
+    headers = ["rank", "lr", "weight decay", "train loss", "validation loss", "folds"]
+    best_line = (
+        f"**Best (lr, weight decay): lr {fmt_hp(best['lr'])}, weight decay "
+        f"{fmt_hp(best['weight_decay'])}** (validation loss "
+        f"{fmt_spread(best['val_loss_mean'], best['val_loss_std'])})."
+    )
+    if not reference:
+        return "\n".join(
+            [
+                "## Table 1: learning rate and weight decay (grid search)",
+                "",
+                f"Ours: Adam, {g.folds}-fold cross-validation, {_count(g.epochs, 'epoch')}, "
+                f"encoding size {g.size}; loss of the last epoch, mean ± standard deviation "
+                f"over folds.",
+                "",
+                md_table(headers, [row[: len(headers)] for row in ours_rows]),
+                "",
+                best_line,
+            ]
+        )
     return "\n".join(
         [
             "## Table 1: learning rate and weight decay (grid search)",
@@ -456,7 +486,10 @@ def figure_markdown(layout: Layout, key: str, report_path: Path | None = None) -
     fig = next(f for f in FIGURES if f.key == key)
     at = (report_path or layout.report).parent
     link = Path(os.path.relpath(layout.figures_dir / fig.filename, at))
-    return f"![Figure {fig.key}]({link.as_posix()})\n\n*Figure {fig.key}: {fig.caption}*"
+    caption = fig.caption
+    if not has_reference(layout.dataset):  # no seed's curve; classes, not digits
+        caption = caption.replace(", ours and the seed's", "").replace("by digit", "by class")
+    return f"![Figure {fig.key}]({link.as_posix()})\n\n*Figure {fig.key}: {caption}*"
 
 
 def table2_section(
@@ -485,6 +518,7 @@ def table2_section(
         )
     best = best_size_row(sweep)
     s = config.sweep
+    reference = has_reference(config.data.dataset)
     scored = (
         "the test set, as the seed did (selection = test: the test set also chose the size)"
         if on_test
@@ -497,19 +531,32 @@ def table2_section(
         if s.repeats == 1
         else f"per seed, then mean ± standard deviation over {s.repeats} seeds"
     )
+    headers = ["size", "our rank", f"our {name}", "seed test loss", "ours/seed"]
+    seed_text = (
+        "Seed: 50 epochs on the whole training set, scored on the test set, mean of the last "
+        "5, one seed."
+        if reference
+        else ""
+    )
+    if not reference:  # our sizes only, without the seed's columns
+        headers = headers[:3]
+        rows = [row[:3] for row in rows if row[1] != DASH]
     return "\n".join(
         [
             "## Table 2: loss against encoding size",
             "",
             f"Ours: {_count(s.epochs, 'epoch')}, ReduceLROnPlateau (patience "
             f"{s.plateau_patience}), each epoch scored on {scored}; score = mean of the last "
-            f"{_count(s.score_last, 'epoch')} {spread}. Seed: 50 epochs on the whole training "
-            f"set, scored on the test set, mean of the last 5, one seed.",
+            f"{_count(s.score_last, 'epoch')} {spread}. {seed_text}".rstrip(),
             "",
-            md_table(["size", "our rank", f"our {name}", "seed test loss", "ours/seed"], rows),
+            md_table(headers, rows),
             "",
-            f"**Best size: {int(best['size'])}** ({name} {fmt_loss(best[score])}). "
-            f"Seed: {SEED_BEST_SIZE} ({fmt_loss(SEED_TABLE2[SEED_BEST_SIZE])}).",
+            f"**Best size: {int(best['size'])}** ({name} {fmt_loss(best[score])})."
+            + (
+                f" Seed: {SEED_BEST_SIZE} ({fmt_loss(SEED_TABLE2[SEED_BEST_SIZE])})."
+                if reference
+                else ""
+            ),
             *(["", agreement] if agreement else []),
             "",
             figure_markdown(layout, "1a", report_path),
@@ -552,14 +599,24 @@ def final_section(
     ]
     best = int(best_size_row(tables.sweep)["size"])
     s = config.sweep
+    reference = has_reference(config.data.dataset)
+    headers = ["", "ours", "seed", "ours/seed"]
+    final_line = (
+        f"**Final test MSE: {ours}** (seed: {SEED_FINAL_TEST_MSE:g}, "
+        f"ratio {fmt_ratio(test_mse, SEED_FINAL_TEST_MSE)})."
+    )
+    if not reference:
+        headers, rows = headers[:2], [row[:2] for row in rows]
+        final_line = f"**Final test MSE: {ours}**."
     trained_on = (
         "the whole training set"
         if s.selection == "test"
         else f"the training set less its {s.validation_images} held-out validation images"
     )
     chosen = (
-        f"Its encoding size is fixed by the config (final.size = {config.final.size}, the "
-        f"seed's final size); our sweep's best size was {best}."
+        f"Its encoding size is fixed by the config (final.size = {config.final.size}"
+        + (", the seed's final size" if reference else "")
+        + f"); our sweep's best size was {best}."
         if config.final.size
         else f"Its encoding size is our sweep's best ({best})."
     )
@@ -570,10 +627,9 @@ def final_section(
             f"Trained on {trained_on} with the best (lr, weight decay) of Table 1 and the "
             f"sweep's scheduler. {chosen}",
             "",
-            md_table(["", "ours", "seed", "ours/seed"], rows),
+            md_table(headers, rows),
             "",
-            f"**Final test MSE: {ours}** (seed: {SEED_FINAL_TEST_MSE:g}, "
-            f"ratio {fmt_ratio(test_mse, SEED_FINAL_TEST_MSE)}).",
+            final_line,
             "",
             figure_markdown(layout, "1b", report_path),
         ]
@@ -698,17 +754,31 @@ def embedding_section(
     emb = tables.embedding
     e = config.embedding
     dims = len(emb["z"].iloc[0]) if len(emb) else 0
+    spec = dataset_spec(config.data.dataset)
+    classes = "digit" if spec.name == "mnist" else f"{spec.title} class"
+    seed_map = "; the seed: 2000 images, dimension 20" if has_reference(spec.name) else ""
+    names = (
+        []
+        if spec.name == "mnist"
+        else [
+            f"{spec.title}'s classes (label: name): "
+            + ", ".join(f"{i}: {name}" for i, name in enumerate(spec.classes))
+            + ".",
+            "",
+        ]
+    )
     return "\n".join(
         [
             "## Encoding space",
             "",
             f"{len(emb)} test images, encoding dimension {dims}, mapped to 2-D with t-SNE "
             f"(perplexity {e.perplexity:g}, PCA initialisation, random state "
-            f"{e.seed_for(config.seed)}); the seed: 2000 images, dimension 20. Separation: the "
+            f"{e.seed_for(config.seed)}){seed_map}. Separation: the "
             f"{e.knn}-nearest-neighbour classifier's 5-fold cross-validated accuracy of the "
-            f"digit labels, in the latent space and in the 2-D map, and the silhouette of the "
-            f"digit clusters in each (-1 to 1, higher is better separated).",
+            f"{classes} labels, in the latent space and in the 2-D map, and the silhouette of "
+            f"the {classes} clusters in each (-1 to 1, higher is better separated).",
             "",
+            *names,
             figure_markdown(layout, "4", report_path),
             "",
             md_table(["metric", "value"], rows) if rows else "(no metrics recorded)",
@@ -930,9 +1000,11 @@ def render_report(
 ) -> str:
     """The report's Markdown; its figure links (to ``layout``'s figures) are relative to the
     folder of ``report_path`` (default: the work dir's report.md)."""
+    # The seed's targets are MNIST's: another dataset's report has none (its header says so).
+    targets = [targets_section(tables, config)] if has_reference(config.data.dataset) else []
     sections = [
         header_section(config, today, run),
-        targets_section(tables, config),
+        *targets,
         table1_section(tables.grid, config, grid_agreement(tables)),
         table2_section(tables.sweep, config, layout, size_agreement(tables), report_path),
         final_section(tables, config, layout, report_path),

@@ -12,6 +12,7 @@ import torch
 from aemnist import plan
 from aemnist.caching import stage_key
 from aemnist.data import verified_tables
+from aemnist.datasets import dataset_spec
 from aemnist.layout import Layout
 from aemnist.records import check_record
 from aemnist.schemas import TableError, recorded_ref
@@ -87,7 +88,7 @@ def study_status(study: plan.Study, failed_keys: set[str] | None = None) -> list
             ]
             continue
         if not stage.cached:  # the download: its tables are verified or not
-            data = verified_tables(layout.data_dir)
+            data = verified_tables(layout.data_dir, layout.dataset)
             rows.append(
                 TaskStatus(
                     stage.name,
@@ -117,6 +118,11 @@ def study_status(study: plan.Study, failed_keys: set[str] | None = None) -> list
     return rows
 
 
+def _on(dataset: str) -> str:
+    """The dataset in the status's first line; none for MNIST, as before datasets."""
+    return "" if dataset == "mnist" else f" on {dataset_spec(dataset).title}"
+
+
 def format_status(rows: list[TaskStatus], study: plan.Study) -> str:
     config, layout = study.config, study.layout
     counts: dict[str, int] = {}
@@ -124,7 +130,8 @@ def format_status(rows: list[TaskStatus], study: plan.Study) -> str:
         counts[row.state] = counts.get(row.state, 0) + 1
     width = max(len(row.label) for row in rows)
     lines = [
-        f"Study {config.profile} (config {config.config_hash()[:12]}) in {layout.root}",
+        f"Study {config.profile}{_on(layout.dataset)} (config {config.config_hash()[:12]}) "
+        f"in {layout.study_dir}",
         "",
     ]
     lines += [

@@ -69,6 +69,13 @@ _PARAM_BATCH = 100
 _METRIC_BATCH = 1000
 
 
+def registered_model(dataset: str) -> str:
+    """The registered model a study's final models go to: MNIST's the one it always was,
+    another dataset's its own (``aemnist-autoencoder-fashion-mnist``), so that their
+    versions and aliases (``champion``, ``latest-<profile>``) never mix."""
+    return REGISTERED_MODEL if dataset == "mnist" else f"{REGISTERED_MODEL}-{dataset}"
+
+
 class TrackingError(RuntimeError):
     """The tracking store cannot be reached or used; says which and how to fix it."""
 
@@ -80,6 +87,9 @@ class TrackingContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    # The study's dataset (data.dataset): a tag and a parameter of every run it opens, so
+    # that the runs of studies on different datasets in one store are told apart.
+    dataset: str = "mnist"
 
 
 def embedded_tracking_uri(workdir: Path) -> str:
@@ -247,13 +257,16 @@ def start_study(
     run_name: str,
     params: Mapping[str, Any],
     tags: Mapping[str, str],
+    dataset: str = "mnist",
 ) -> TrackingContext:
-    """Open the study's parent run (parameters: the whole resolved config)."""
+    """Open the study's parent run (parameters: the whole resolved config), tagged and
+    parametrised with its ``dataset``, as its nested runs will be (``task_run``)."""
     experiment_id = open_store(tracking_uri, workdir)
     client = MlflowClient(tracking_uri)
-    run = client.create_run(experiment_id, tags={**tags, **_process_tags()}, run_name=run_name)
-    _log_params(client, run.info.run_id, params)
-    return TrackingContext(tracking_uri, experiment_id, run.info.run_id)
+    all_tags = {**tags, "dataset": dataset, **_process_tags()}
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    _log_params(client, run.info.run_id, {**params, "dataset": dataset})
+    return TrackingContext(tracking_uri, experiment_id, run.info.run_id, dataset)
 
 
 def finish_study(ctx: TrackingContext, status: str = "FINISHED") -> None:
@@ -370,7 +383,7 @@ class TaskRun:
                 time.sleep(0.2 * (attempt + 1))
 
     def log_pytorch_model(
-        self, model: Any, input_example: Any, registered_name: str = REGISTERED_MODEL
+        self, model: Any, input_example: Any, registered_name: str | None = None
     ) -> str:
         """Log ``model`` with its signature and input example and register it; returns the
         registered version."""
@@ -382,6 +395,7 @@ class TaskRun:
         with torch.inference_mode():
             output = model(torch.from_numpy(input_example)).numpy()
         signature = infer_signature(input_example, output)
+        registered_name = registered_name or registered_model(self.ctx.dataset)
         # Naming the requirements spares MLflow a slow subprocess that infers them.
         requirements = [
             f"torch=={torch.__version__.split('+')[0]}",
@@ -418,14 +432,19 @@ def task_run(
     params: Mapping[str, Any] | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> Iterator[TaskRun]:
-    """A nested run that ends FINISHED, or FAILED (with the error as a tag) if the body raises."""
+    """A nested run that ends FINISHED, or FAILED (with the error as a tag) if the body raises.
+    Its study's dataset is a tag and a parameter of it."""
     client = MlflowClient(ctx.tracking_uri)
-    all_tags = {"mlflow.parentRunId": ctx.parent_run_id, **_process_tags(), **(tags or {})}
+    all_tags = {
+        "mlflow.parentRunId": ctx.parent_run_id,
+        "dataset": ctx.dataset,
+        **_process_tags(),
+        **(tags or {}),
+    }
     run = client.create_run(ctx.experiment_id, tags=all_tags, run_name=name)
     tracked = TaskRun(ctx, run.info.run_id)
     try:
-        if params:
-            tracked.log_params(params)
+        tracked.log_params({"dataset": ctx.dataset, **(params or {})})
         yield tracked
     except BaseException as exc:
         try:
@@ -482,13 +501,14 @@ def latest_alias(profile: str) -> str:
     return f"latest-{profile}"
 
 
-def release_model(ctx: TrackingContext, version: str, name: str = REGISTERED_MODEL) -> list[str]:
+def release_model(ctx: TrackingContext, version: str, name: str | None = None) -> list[str]:
     """Tag a registered version of the final model, once its run has finished, with the
     study's profile, config hash and seed (its parent run's tags) and its test MSE; give it
     the alias ``latest-<profile>`` and, for the paper profile, ``champion``, each unless a
     newer version holds it. Returns the aliases it took.
 
     Raises TrackingError when the version's run has not finished or logged no test MSE."""
+    name = name or registered_model(ctx.dataset)
     client = MlflowClient(ctx.tracking_uri)
     model_version = client.get_model_version(name, version)
     run = client.get_run(model_version.run_id)
@@ -501,7 +521,9 @@ def release_model(ctx: TrackingContext, version: str, name: str = REGISTERED_MOD
             f"model is released; run the study again to train and register a new one"
         )
     study = client.get_run(ctx.parent_run_id).data.tags
-    tags = {key: study[key] for key in ("profile", "config_hash", "seed") if key in study}
+    tags = {
+        key: study[key] for key in ("profile", "config_hash", "seed", "dataset") if key in study
+    }
     tags["test_mse"] = repr(float(test_mse))
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -30,6 +30,7 @@ from aemnist.config import (
     MIRROR_ENV,
     SEED_MAX,
     ConfigError,
+    Dataset,
     Device,
     Profile,
     load_config,
@@ -93,12 +94,13 @@ def prepare_study(
     task, and enters the study redacted: the download task reads a URL's credentials from
     AEMNIST_MNIST_MIRROR, so that they reach no Prefect task run, MLflow run or log."""
     from aemnist.data import check_mirror, has_secrets, redact_url
+    from aemnist.datasets import dataset_spec
 
     config = load_config(profile, Path(config_file) if config_file else None, overrides)
     configured = os.environ.get(MIRROR_ENV) or None
     mirror = mnist_mirror or configured
     if mirror is not None:
-        check_mirror(mirror)
+        check_mirror(mirror, dataset_spec(config.data.dataset).title)
         if has_secrets(mirror) and mirror != configured:
             # A deployment's parameter: Prefect has recorded it already; the tasks of this
             # process (and the Dask workers it starts) read it from the environment.
@@ -247,13 +249,17 @@ def study_run_name() -> str:
                 parameters.get("profile"),
                 Path(config_file) if config_file else None,
                 run_overrides(
-                    parameters.get("seed"), parameters.get("device"), parameters.get("repeats")
+                    parameters.get("seed"),
+                    parameters.get("device"),
+                    parameters.get("repeats"),
+                    parameters.get("dataset"),
                 ),
             )
         )
     except (ConfigError, OSError):
         return f"{parameters.get('profile') or 'study'} (config not loaded)"
-    return f"{config.profile} seed={config.seed} config={config.config_hash()[:12]}"
+    dataset = "" if config.data.dataset == "mnist" else f" {config.data.dataset}"
+    return f"{config.profile}{dataset} seed={config.seed} config={config.config_hash()[:12]}"
 
 
 @flow(name="study", flow_run_name=study_run_name)
@@ -267,6 +273,7 @@ def study(
     refresh: list[StageName] | None = None,
     device: Device | None = None,
     repeats: Repeats | None = None,
+    dataset: Dataset | None = None,
     task_runner: RunnerKind = "threads",
     dask_address: str | None = None,
     dask_security: DaskTLS | None = None,
@@ -276,7 +283,8 @@ def study(
 
     ``profile`` (default: the config file's, else quick) and ``config_file`` (a TOML file
     overriding any field) give the config; ``seed``, ``device`` (auto, cpu or cuda) and
-    ``repeats`` (seeds of the grid, the sweep and the final model) override its fields. ``fresh``
+    ``repeats`` (seeds of the grid, the sweep and the final model) and ``dataset`` (mnist,
+    fashion-mnist or kmnist) override its fields. ``fresh``
     recomputes every stage; ``refresh`` names stages to recompute with every stage that
     follows from them. ``task_runner`` runs the tasks in threads or on Dask (at
     ``dask_address``, with ``dask_security``'s TLS files for a tls:// scheduler, else a local
@@ -290,7 +298,7 @@ def study(
         workdir,
         config_file,
         mnist_mirror,
-        run_overrides(seed, device, repeats),
+        run_overrides(seed, device, repeats, dataset),
         plan.refreshed_stages(fresh, refresh),
     )
     # One study at a time in a work dir, on every launch path: `aemnist run` holds the lock

@@ -130,7 +130,8 @@ def result_storage(layout: Layout) -> CacheStore:
             ", ".join(str(path) for path in removed),
         )
     storage = CacheStore(basepath=str(layout.cache_dir))
-    digest = hashlib.sha256(str(layout.root).encode()).hexdigest()[:16]
+    # MNIST's block keeps its name (the work dir's); another dataset's cache has its own.
+    digest = hashlib.sha256(str(layout.study_dir).encode()).hexdigest()[:16]
     # The first saves on a server race when runs start at once (seen with three deployment
     # runs on a PostgreSQL-backed server): the block's type and schema are registered
     # read-then-create, so the losers get ObjectAlreadyExists; and the server's first block

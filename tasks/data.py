@@ -17,6 +17,7 @@ from aemnist.data import (
     mirror_to_fetch,
     redact_url,
 )
+from aemnist.datasets import dataset_spec
 from aemnist.jobs import DownloadJob, FoldsJob
 from aemnist.schemas import TableRef, write_table
 from aemnist.tracking import TrackingContext
@@ -46,7 +47,8 @@ def _network_error(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -
     retry_condition_fn=_network_error,
 )
 def download(ctx: TrackingContext, job: DownloadJob) -> dict[str, TableRef]:
-    """MNIST into ``data/mnist_{train,test}.parquet``; nothing is fetched if they are verified.
+    """The study's dataset into ``data/<dataset>_{train,test}.parquet`` (MNIST's in the work
+    dir, another's in its folder there); nothing is fetched if they are verified.
 
     The job records the mirror redacted (aemnist.plan gets it so from flows.study): Prefect
     and MLflow see no credentials. The URL that carries them is read here, from
@@ -55,11 +57,14 @@ def download(ctx: TrackingContext, job: DownloadJob) -> dict[str, TableRef]:
     shown = redact_url(job.mirror) if job.mirror else "torchvision"
     with tracked_run(ctx, job.label, {"mirror": shown}, "download") as run:
         mirror = mirror_to_fetch(job.mirror)
-        refs, fetched = download_mnist(job.layout.data_dir, mirror, force=job.force)
+        refs, fetched = download_mnist(
+            job.layout.data_dir, mirror, force=job.force, dataset=job.layout.dataset
+        )
         run.log_metrics({f"{split}_rows": ref.rows for split, ref in refs.items()})
         run.set_tags({"fetched": str(fetched)})
     logger.info(
-        "MNIST %s: %s",
+        "%s %s: %s",
+        dataset_spec(job.layout.dataset).title,
         f"downloaded from {shown} and verified" if fetched else "already verified, nothing fetched",
         ", ".join(f"{s} {r.rows} rows" for s, r in refs.items()),
     )

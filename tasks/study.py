@@ -14,6 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from aemnist.config import StudyConfig, save_config
 from aemnist.data import ensure_writable
+from aemnist.datasets import has_reference
 from aemnist.faults import FAULT_ENV
 from aemnist.jobs import ReportJob
 from aemnist.layout import Layout
@@ -67,6 +68,8 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
             fault,
         )
     ensure_writable(layout.root)
+    if layout.study_dir != layout.root:  # another dataset's folder in the work dir
+        ensure_writable(layout.study_dir)
     save_config(config, layout.config)
     uri = resolve_tracking_uri(layout.root)
     tags = {
@@ -78,7 +81,9 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
     }
     if fault:
         tags[FAULT_TAG] = fault[:5000]
-    ctx = start_study(uri, layout.root, f"study-{config.profile}", config.flat(), tags)
+    ctx = start_study(
+        uri, layout.root, f"study-{config.profile}", config.flat(), tags, config.data.dataset
+    )
     killed = mark_abandoned_runs(uri, ctx.experiment_id)
     if killed:
         logger.warning(
@@ -134,7 +139,9 @@ def publish_results(ctx: TrackingContext, config: StudyConfig, layout: Layout) -
     final = read_frame(layout.final_metrics, "metrics").set_index("metric")["value"]
     metrics = {f"final_{k}": float(v) for k, v in final.items()}
     # Ours beside the seed's, with the ratios and the targets met: comparable across runs.
-    metrics |= seed_comparison(load_study_tables(layout, config))
+    # The seed studied MNIST only: another dataset's study has nothing to compare with.
+    if has_reference(config.data.dataset):
+        metrics |= seed_comparison(load_study_tables(layout, config))
     tables = {
         schema: flat_table(read_frame(path, schema))
         for schema, path in (

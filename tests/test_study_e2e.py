@@ -152,6 +152,7 @@ def test_final_model_is_registered_and_loads(smoke_study) -> None:
         "profile": "smoke",
         "config_hash": SMOKE.config_hash(),
         "seed": str(SMOKE.seed),
+        "dataset": "mnist",
         "test_mse": repr(final.data.metrics["test_mse"]),
     }
     # (A search leaves a version's aliases out: read back one by one.)

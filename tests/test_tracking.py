@@ -220,6 +220,7 @@ def test_a_finished_paper_model_is_tagged_and_loads_as_the_champion(registry) ->
         "profile": "paper",
         "config_hash": "hash-paper",
         "seed": "7",
+        "dataset": "mnist",  # the parent run's tag: whose images the model was trained on
         "test_mse": "0.0123",
     }
     loaded = _load(uri, f"models:/{REGISTERED_MODEL}@{CHAMPION}")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aemnist.config import DEVICES, PROFILES, StudyConfig, load_config, run_overrides
+from aemnist.config import DATASETS, DEVICES, PROFILES, StudyConfig, load_config, run_overrides
 from deployments.stack import LOOPBACK
 
 if TYPE_CHECKING:
@@ -55,6 +55,17 @@ def add_port(parser: argparse.ArgumentParser, option: str, default: int) -> None
     )
 
 
+def add_dataset(parser: argparse.ArgumentParser) -> None:
+    # No argparse choices: an unknown name gets the config's one line (naming the field and
+    # the known names), as the same value in a config file does.
+    parser.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help=f"the dataset ({', '.join(DATASETS)}; data.dataset, default mnist): each has its "
+        f"own tables and results in the work dir (another than mnist in WORKDIR/NAME)",
+    )
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """The options that pick a study's config (read by ``study_config``), and its work dir:
     `run` and `status` take the same, so that `status` describes what `run` would do."""
@@ -71,6 +82,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         help="a TOML file overriding any field of the profile (see aemnist/profiles/*.toml)",
     )
     add_workdir(parser)
+    add_dataset(parser)
     parser.add_argument("--seed", type=int, help="the study's seed (default: the profile's, 0)")
     parser.add_argument(
         "--repeats",
@@ -92,5 +104,5 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def study_config(args: argparse.Namespace) -> StudyConfig:
     """The config that ``add_config_options``'s flags select: the profile, the TOML file
     over it, then the flags that override single fields."""
-    overrides = run_overrides(args.seed, args.device, args.repeats)
+    overrides = run_overrides(args.seed, args.device, args.repeats, args.dataset)
     return load_config(args.profile, args.config, overrides)

@@ -20,9 +20,12 @@ from aemnist.config import (
     PROFILES,
     StudyConfig,
     config_json_schema,
+    from_dict,
     load_config,
     read_saved_config,
+    run_overrides,
 )
+from aemnist.datasets import DEFAULT_DATASET
 from aemnist.layout import Layout
 from aemnist.plan import STAGES
 from aemnist.workdir import WorkdirLocked, hold_workdir
@@ -43,7 +46,7 @@ from deployments.servers import (
     stop_signal,
 )
 from deployments.stack import PREFECT_API_ENV, StackError
-from flows.cli.options import add_config_options, add_workdir, study_config
+from flows.cli.options import add_config_options, add_dataset, add_workdir, study_config
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -135,6 +138,7 @@ def add_report(commands: Commands) -> None:
         help="write the report there instead of WORKDIR/report.md, its figure links relative "
         "to that file's folder (the figures stay in WORKDIR/figures)",
     )
+    add_dataset(report)
     report.set_defaults(handler=_report)
 
 
@@ -177,6 +181,7 @@ def add_config(commands: Commands) -> None:
     config.add_argument(
         "--config", type=Path, metavar="FILE.toml", help="a TOML file overriding any field"
     )
+    add_dataset(config)
     config.add_argument("--schema", action="store_true", help="print the JSON schema instead")
     config.set_defaults(handler=_config)
 
@@ -185,7 +190,8 @@ def _config(args: argparse.Namespace) -> int:
     if args.schema:
         print(json.dumps(config_json_schema(), indent=2))
     else:
-        print(json.dumps(load_config(args.profile, args.config).to_dict(), indent=2))
+        overrides = run_overrides(dataset=args.dataset)
+        print(json.dumps(load_config(args.profile, args.config, overrides).to_dict(), indent=2))
     return 0
 
 
@@ -333,6 +339,7 @@ def _run_study(
             refresh=args.refresh,
             device=args.device,
             repeats=args.repeats,
+            dataset=args.dataset,
             task_runner=args.task_runner,
             dask_address=args.dask_address,
             dask_security=dask_security,
@@ -439,7 +446,9 @@ def _status(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from aemnist.report import build_report
 
-    layout = Layout(args.workdir.resolve())
+    # An unknown name gets the config's one line, before any file is read.
+    dataset = from_dict({"data": {"dataset": args.dataset or DEFAULT_DATASET}}).data.dataset
+    layout = Layout(args.workdir.resolve(), dataset)
     config = read_saved_config(layout.config)
     print(f"Report: {build_report(layout, config, out=args.out)}")
     return 0

@@ -1,0 +1,69 @@
+#!/bin/sh
+# The paper study through the product on a lent GPU machine (issue 14 point 3), prepared
+# here and run there in two calls of the device tool, which carries at most 64 MiB a call
+# (tree included) while the offline bundle for Python 3.12 is 68 MB. The GPU machine has
+# Python 3.12, torch with CUDA, numpy, pandas, pyarrow, scikit-learn and matplotlib, and no
+# Prefect, MLflow or network.
+#
+# Here (the carried files go under .gl/, which git ignores):
+#   aemnist bundle --python 3.12 --out .gl/bundle
+#   sh bench/gpu_session.sh split .gl/bundle .gl        # .gl/part1, .gl/part2 (< 40 MB each)
+# There (carry .gl/part1, then .gl/part2, on one warm machine):
+#   sh bench/gpu_session.sh stage .gl/part1
+#   sh bench/gpu_session.sh run .gl/part2               # installs, runs, exports to $OUT
+#
+# `run` reads: PROFILE (paper), DEVICE (cuda), CONFIG (bench/gpu_session.toml: the grid with
+# one seed, the sweep and final model with three, what fits the 15 minutes a session has),
+# and writes under $OUT: the exported run (results/paper/, results/paper.md), the flow's
+# output, the GPU's utilisation once a second (gpu.csv) and the wall time of each step.
+set -eu
+stage_dir=/tmp/aemnist-wheels
+venv=/tmp/aemnist-venv
+workdir=/tmp/aemnist-paper
+
+split() {  # BUNDLE DEST: the bundle's files in two parts, the larger wheels spread over both
+    bundle=$1; dest=$2
+    rm -rf "$dest/part1" "$dest/part2"; mkdir -p "$dest/part1" "$dest/part2"
+    mnist=${AEMNIST_MNIST_MIRROR:-../shared/data/mnist}
+    mkdir -p "$dest/part1/mnist" && cp "$mnist"/*-ubyte.gz "$dest/part1/mnist/"
+    one=0; two=0
+    for file in $(ls -S "$bundle"); do
+        size=$(stat -c %s "$bundle/$file")
+        if [ "$one" -le "$two" ]; then cp "$bundle/$file" "$dest/part1/"; one=$((one + size))
+        else cp "$bundle/$file" "$dest/part2/"; two=$((two + size)); fi
+    done
+    echo "part1: $(du -sh "$dest/part1" | cut -f1) (with MNIST), part2: $(du -sh "$dest/part2" | cut -f1)"
+}
+
+stage() {  # PART: keep the first part's files on the machine until the second comes
+    mkdir -p "$stage_dir" && cp -r "$1"/* "$stage_dir/"
+    ls "$stage_dir" | wc -l
+}
+
+elapsed() { echo "$1 $(( $(date +%s) - $2 )) s" | tee -a "$OUT/times.txt"; }
+
+run() {  # PART: install from both parts, run the study, export it
+    : "${OUT:?set OUT to the folder that comes back}"
+    cp -r "$1"/* "$stage_dir/"
+    start=$(date +%s)
+    python3 -m venv --system-site-packages "$venv"
+    PYTHON=$venv/bin/python sh "$stage_dir/install.sh" --quiet > "$OUT/install.log" 2>&1
+    elapsed install "$start"
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used \
+        --format=csv -l 1 > "$OUT/gpu.csv" 2>&1 &
+    sampler=$!
+    start=$(date +%s)
+    AEMNIST_MNIST_MIRROR=$stage_dir/mnist "$venv/bin/aemnist" run \
+        --profile "${PROFILE:-paper}" --device "${DEVICE:-cuda}" \
+        --config "${CONFIG:-bench/gpu_session.toml}" --workdir "$workdir" \
+        > "$OUT/run.log" 2>&1 || { kill "$sampler"; tail -40 "$OUT/run.log"; exit 1; }
+    elapsed study "$start"
+    kill "$sampler"
+    "$venv/bin/aemnist" status --workdir "$workdir" > "$OUT/status.txt" 2>&1 || true
+    mkdir -p "$OUT/results"
+    "$venv/bin/aemnist" export --workdir "$workdir" --out "$OUT/results/${PROFILE:-paper}" \
+        > "$OUT/export.log" 2>&1
+    tail -5 "$OUT/run.log"; cat "$OUT/times.txt"
+}
+
+"$@"
