@@ -63,9 +63,12 @@ def torchvision_root() -> Path:
     return root
 
 
-def laboratory_epochs(model: nn.Module, epochs: int, seed: int = SEED) -> tuple[float, list[float]]:
+def laboratory_epochs(
+    model: nn.Module, epochs: int, seed: int = SEED, epoch_seconds: list[float] | None = None
+) -> tuple[float, list[float]]:
     """The laboratory loop: torchvision's MNIST with ToTensor through a shuffling DataLoader,
-    Adam, MSE. Returns the seconds spent training and each epoch's mean training loss."""
+    Adam, MSE. Returns the seconds spent training and each epoch's mean training loss; each
+    epoch's seconds are appended to ``epoch_seconds`` if given."""
     from torch.utils.data import DataLoader, RandomSampler
     from torchvision import datasets, transforms
 
@@ -90,6 +93,8 @@ def laboratory_epochs(model: nn.Module, epochs: int, seed: int = SEED) -> tuple[
             total += loss.item() * images.shape[0]
             count += images.shape[0]
         losses.append(total / count)
+        if epoch_seconds is not None:
+            epoch_seconds.append(time.perf_counter() - started - sum(epoch_seconds))
     return time.perf_counter() - started, losses
 
 
