@@ -64,17 +64,24 @@ def torchvision_root() -> Path:
 
 
 def laboratory_epochs(
-    model: nn.Module, epochs: int, seed: int = SEED, epoch_seconds: list[float] | None = None
+    model: nn.Module,
+    epochs: int,
+    seed: int = SEED,
+    epoch_seconds: list[float] | None = None,
+    limit: int = 0,
 ) -> tuple[float, list[float]]:
     """The laboratory loop: torchvision's MNIST with ToTensor through a shuffling DataLoader,
     Adam, MSE. Returns the seconds spent training and each epoch's mean training loss; each
-    epoch's seconds are appended to ``epoch_seconds`` if given."""
-    from torch.utils.data import DataLoader, RandomSampler
+    epoch's seconds are appended to ``epoch_seconds`` if given. ``limit``: the first that
+    many images only (0: all)."""
+    from torch.utils.data import DataLoader, RandomSampler, Subset
     from torchvision import datasets, transforms
 
     dataset = datasets.MNIST(
         torchvision_root(), train=True, download=False, transform=transforms.ToTensor()
     )
+    if limit:
+        dataset = Subset(dataset, range(limit))
     # shuffle=True, with the sampler's own seeded generator: a DataLoader also draws a base
     # seed from its generator, so sharing one would shift the permutation that fit draws.
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))

@@ -195,7 +195,7 @@ def main() -> None:
     )
     for label, key in lines:
         print(f"  {label:44s} {spread(figures[key], 1)}")
-    print(f"  overhead per task run ({tasks})               {spread(per_task, 2)}")
+    print(f"  {f'overhead per task run ({tasks})':44s} {spread(per_task, 2)}")
     result(
         "overhead",
         statistics.median(figures["overhead"]),

@@ -9,7 +9,8 @@ taking turns ``--rounds`` times (the order reversed every other round); each fig
 median with its [min, max]. A projection, not a run: pass --measured SECONDS to print a
 measured paper run beside it.
 
-    python bench/paper_estimate.py [--rounds 3] [--epochs 2] [--measured SECONDS]
+    python bench/paper_estimate.py [--rounds 3] [--epochs 2] [--train-images 60000]
+                                   [--measured SECONDS]
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--profile", default="paper")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--epochs", type=int, default=2, help="epoch 1 is warm-up, never timed")
+    parser.add_argument(
+        "--train-images", type=int, default=60000, help="images per timed epoch (both loops)"
+    )
     parser.add_argument("--measured", type=float, help="seconds of a measured paper run")
     args = parser.parse_args()
     if args.epochs < 2:
@@ -62,7 +66,7 @@ def main() -> None:
     print(f"{args.profile} profile: {train_steps:,} training + {eval_steps:,} evaluation "
           f"image-steps (from its config)")  # fmt: skip
     tables, _ = download_mnist(bench_dir() / "data", mirror(), force=False)
-    images = load_images(tables["train"].path).images
+    images = load_images(tables["train"].path, args.train_images).images
     n = images.shape[0]
     rates: dict[str, list[float]] = {"fit": [], "laboratory loop": [], "evaluation": []}
     for round_ in range(args.rounds):
@@ -76,10 +80,15 @@ def main() -> None:
                     on_epoch=lambda _, m=marks: m.append(time.perf_counter()))  # fmt: skip
                 seconds = [b - a for a, b in zip(marks, marks[1:], strict=False)]
                 started = time.perf_counter()
-                evaluate(model, images[:20000])
-                rates["evaluation"].append(20000 / (time.perf_counter() - started))
+                evaluate(model, images[: min(20000, n)])
+                rates["evaluation"].append(min(20000, n) / (time.perf_counter() - started))
             else:
-                laboratory_epochs(build_autoencoder(SIZE, SEED), args.epochs, epoch_seconds=seconds)
+                laboratory_epochs(
+                    build_autoencoder(SIZE, SEED),
+                    args.epochs,
+                    epoch_seconds=seconds,
+                    limit=args.train_images,
+                )
             rates[which].append(n * (args.epochs - 1) / sum(seconds[1:]))
         print(f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items()))
     ours = [
