@@ -50,7 +50,7 @@ def main() -> None:
         print(f"set the limit (unchanged):       {timed(lambda: set_training_slots('cpu', 2), 5)}")
 
         def one_slot() -> None:
-            with training_slot("cpu"):
+            with training_slot(name):  # the limit's name, as the flow passes it
                 pass
 
         print(f"take and give back one slot:     {timed(one_slot, args.rounds)}")
