@@ -6,10 +6,13 @@ import gzip
 import json
 import os
 import platform
+import shlex
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -60,15 +63,25 @@ def torchvision_root() -> Path:
     return root
 
 
-def laboratory_epochs(model: nn.Module, epochs: int, seed: int = SEED) -> tuple[float, list[float]]:
+def laboratory_epochs(
+    model: nn.Module,
+    epochs: int,
+    seed: int = SEED,
+    epoch_seconds: list[float] | None = None,
+    limit: int = 0,
+) -> tuple[float, list[float]]:
     """The laboratory loop: torchvision's MNIST with ToTensor through a shuffling DataLoader,
-    Adam, MSE. Returns the seconds spent training and each epoch's mean training loss."""
-    from torch.utils.data import DataLoader, RandomSampler
+    Adam, MSE. Returns the seconds spent training and each epoch's mean training loss; each
+    epoch's seconds are appended to ``epoch_seconds`` if given. ``limit``: the first that
+    many images only (0: all)."""
+    from torch.utils.data import DataLoader, RandomSampler, Subset
     from torchvision import datasets, transforms
 
     dataset = datasets.MNIST(
         torchvision_root(), train=True, download=False, transform=transforms.ToTensor()
     )
+    if limit:
+        dataset = Subset(dataset, range(limit))
     # shuffle=True, with the sampler's own seeded generator: a DataLoader also draws a base
     # seed from its generator, so sharing one would shift the permutation that fit draws.
     sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
@@ -87,13 +100,50 @@ def laboratory_epochs(model: nn.Module, epochs: int, seed: int = SEED) -> tuple[
             total += loss.item() * images.shape[0]
             count += images.shape[0]
         losses.append(total / count)
+        if epoch_seconds is not None:
+            epoch_seconds.append(time.perf_counter() - started - sum(epoch_seconds))
     return time.perf_counter() - started, losses
 
 
-def machine() -> str:
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``platform.processor()`` is often empty
+    on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str | None = None) -> str:
+    """What the figures were measured on: CPU model and the cores this process may use, the
+    GPU torch sees, torch's and Python's versions, and the device the bench computes on."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {cores} cores, {device}, torch {torch.__version__}"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    text = (
+        f"{cpu_model()} ({platform.machine()}), {cores} cores, {gpu}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+    return text + (f"; device {device}" if device else "")
+
+
+def announce(device: str | None = None) -> None:
+    """The first lines of every bench: the machine, the date and the command that ran, so that
+    a figure copied from its output carries all three."""
+    print(f"machine: {machine(device)}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    print(f"command: {shlex.join([Path(sys.executable).name, *sys.argv])}", flush=True)
+
+
+def spread(values: Sequence[float], digits: int = 0) -> str:
+    """Median and [min, max] of a bench's rounds: what every figure is reported as (the best
+    of each side against the other would compare two lucky rounds)."""
+    return (
+        f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, "
+        f"{max(values):.{digits}f}]"
+    )
 
 
 def result(name: str, value: float, unit: str, baseline: float) -> None:

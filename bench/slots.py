@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from common import machine  # also puts the repo on the path
+from common import announce, spread  # also puts the repo on the path
 
 
 def timed(action: Callable[[], object], rounds: int) -> str:
@@ -24,7 +23,7 @@ def timed(action: Callable[[], object], rounds: int) -> str:
         started = time.perf_counter()
         action()
         seconds.append(time.perf_counter() - started)
-    return f"median {statistics.median(seconds) * 1000:.0f} ms, min {min(seconds) * 1000:.0f} ms"
+    return f"{spread([x * 1000 for x in seconds])} ms (median [min, max] over {rounds})"
 
 
 def main() -> None:
@@ -44,14 +43,14 @@ def main() -> None:
         from tasks.slots import set_training_slots, training_slot
 
         name = set_training_slots("cpu", 2)
-        print(f"machine: {machine()}")
+        announce()
         with get_client(sync_client=True) as client:
             read = timed(lambda: client.read_global_concurrency_limit_by_name(name), args.rounds)
         print(f"plain API read (the limit):      {read}")
         print(f"set the limit (unchanged):       {timed(lambda: set_training_slots('cpu', 2), 5)}")
 
         def one_slot() -> None:
-            with training_slot("cpu"):
+            with training_slot(name):  # the limit's name, as the flow passes it
                 pass
 
         print(f"take and give back one slot:     {timed(one_slot, args.rounds)}")
