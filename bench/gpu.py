@@ -231,7 +231,8 @@ def image_steps(config: StudyConfig, train: ImageSet, folds: pd.DataFrame) -> di
     n = len(train.idx) - (c.sweep.validation_images if c.sweep.selection == "validation" else 0)
     return {
         "grid": [
-            int((folds["fold"] != fold).sum()) * c.grid.epochs for _, _, fold in plan.grid_cells(c)
+            int((folds["fold"] != fold).sum()) * c.grid.epochs
+            for _, _, fold, _ in plan.grid_cells(c)
         ],
         "sweep": [n * c.sweep.epochs] * len(plan.sweep_cells(c)),
         "final": [n * c.final.epochs] * c.sweep.repeats,
@@ -383,14 +384,15 @@ class PaperRun:
         planned = ", ".join(f"{k} {sum(v):,}" for k, v in self.planned.items())
         print(f"training image-steps from the config: {planned}", flush=True)
 
-        def grid_task(lr: float, wd: float, fold: int) -> Callable[[], object] | None:
-            path = layout.grid_history(lr, wd, fold)
+        def grid_task(lr: float, wd: float, fold: int, repeat: int) -> Callable[[], object] | None:
+            path = layout.grid_history(lr, wd, fold, repeat)
             if self.keep(path):
                 return None
             return lambda: write_table(
                 train_fold(
                     train, folds, fold, lr=lr, weight_decay=wd, size=c.grid.size,
                     epochs=c.grid.epochs, batch_size=c.training.batch_size, seed=c.seed,
+                    repeat=repeat, output_bias_at_mean=c.training.output_bias_at_mean,
                     eval_batch_size=c.training.eval_batch_size, device=device,
                     options=self.options,
                 ),
@@ -403,7 +405,10 @@ class PaperRun:
         best: dict[str, Any] = {}
 
         def table1() -> None:
-            frames = [read_frame(layout.grid_history(*cell), "grid_history") for cell in cells]
+            frames = [
+                read_frame(layout.grid_history(*cell), "grid_history").assign(repeat=cell[3])
+                for cell in cells
+            ]
             table = grid_summary(pd.concat(frames, ignore_index=True))
             write_table(table, layout.grid_summary, "grid_summary")
             best["lr"], best["wd"] = float(table.iloc[0].lr), float(table.iloc[0].weight_decay)
@@ -426,6 +431,7 @@ class PaperRun:
                     plateau_patience=c.sweep.plateau_patience,
                     selection=c.sweep.selection, validation_images=c.sweep.validation_images,
                     batch_size=c.training.batch_size, seed=c.seed, stage=stage, repeat=repeat,
+                    output_bias_at_mean=c.training.output_bias_at_mean,
                     eval_batch_size=c.training.eval_batch_size, device=device,
                     options=self.options,
                 )  # fmt: skip
@@ -518,15 +524,16 @@ def verify(layout: Layout, c: StudyConfig, n: int, options: TrainingOptions) -> 
     folds = read_frame(layout.folds, "folds")
     cells = plan.grid_cells(c)[:n]
 
-    def again(cell: tuple[float, float, int]) -> bool:
-        lr, wd, fold = cell
+    def again(cell: tuple[float, float, int, int]) -> bool:
+        lr, wd, fold, repeat = cell
         history = train_fold(
             train, folds, fold, lr=lr, weight_decay=wd, size=c.grid.size, epochs=c.grid.epochs,
-            batch_size=c.training.batch_size, seed=c.seed,
+            batch_size=c.training.batch_size, seed=c.seed, repeat=repeat,
+            output_bias_at_mean=c.training.output_bias_at_mean,
             eval_batch_size=c.training.eval_batch_size, device=c.runtime.device,
             options=options,
         )  # fmt: skip
-        stored = read_frame(layout.grid_history(lr, wd, fold), "grid_history")
+        stored = read_frame(layout.grid_history(lr, wd, fold, repeat), "grid_history")
         return history.equals(stored.astype(history.dtypes.to_dict()))
 
     with ThreadPoolExecutor(2) as pool:

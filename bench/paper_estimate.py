@@ -43,7 +43,7 @@ def steps(profile: str) -> tuple[int, int]:
     # set or the held-out validation images; the final model once more on the test set.
     scored = c.sweep.validation_images if c.sweep.selection == "validation" else n_test
     evaluation = sum(
-        int((folds["fold"] == fold).sum()) * c.grid.epochs for _, _, fold in plan.grid_cells(c)
+        int((folds["fold"] == fold).sum()) * c.grid.epochs for _, _, fold, _ in plan.grid_cells(c)
     ) + c.sweep.repeats * scored * (len(c.sweep.sizes) * c.sweep.epochs + c.final.epochs)
     return training, evaluation + c.sweep.repeats * n_test
 
