@@ -14,8 +14,10 @@
 #
 # `run` reads: PROFILE (paper), DEVICE (cuda), CONFIG (bench/gpu_session.toml: the grid with
 # one seed, the sweep and final model with three, what fits the 15 minutes a session has),
-# and writes under $OUT: the exported run (results/paper/, results/paper.md), the flow's
-# output, the GPU's utilisation once a second (gpu.csv) and the wall time of each step.
+# NODE_PYTHON (install into that Python instead of a new venv over the system's: for a
+# rehearsal on a CPU machine, see bench/README.md), and writes under $OUT: the exported run
+# (results/paper/, results/paper.md), the flow's output, its Prefect database (task-run
+# times), the GPU's utilisation once a second (gpu.csv) and the wall time of each step.
 set -eu
 stage_dir=/tmp/aemnist-wheels
 venv=/tmp/aemnist-venv
@@ -46,23 +48,38 @@ run() {  # PART: install from both parts, run the study, export it
     : "${OUT:?set OUT to the folder that comes back}"
     cp -r "$1"/* "$stage_dir/"
     start=$(date +%s)
-    python3 -m venv --system-site-packages "$venv"
-    PYTHON=$venv/bin/python sh "$stage_dir/install.sh" --quiet > "$OUT/install.log" 2>&1
+    if [ -n "${NODE_PYTHON:-}" ]; then
+        python=$NODE_PYTHON
+    else
+        python3 -m venv --system-site-packages "$venv"
+        python=$venv/bin/python
+    fi
+    PYTHON=$python sh "$stage_dir/install.sh" --quiet > "$OUT/install.log" 2>&1
+    aemnist=$(dirname "$python")/aemnist
     elapsed install "$start"
-    nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used \
-        --format=csv -l 1 > "$OUT/gpu.csv" 2>&1 &
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used \
+            --format=csv -l 1 > "$OUT/gpu.csv" 2>&1 &
+    else
+        sleep 86400 &  # no GPU (a rehearsal): nothing to sample
+    fi
     sampler=$!
+    export PREFECT_HOME=/tmp/aemnist-prefect  # its database comes back: the task runs' times
     start=$(date +%s)
-    AEMNIST_MNIST_MIRROR=$stage_dir/mnist "$venv/bin/aemnist" run \
+    AEMNIST_MNIST_MIRROR=$stage_dir/mnist "$aemnist" run \
         --profile "${PROFILE:-paper}" --device "${DEVICE:-cuda}" \
         --config "${CONFIG:-bench/gpu_session.toml}" --workdir "$workdir" \
         > "$OUT/run.log" 2>&1 || { kill "$sampler"; tail -40 "$OUT/run.log"; exit 1; }
     elapsed study "$start"
     kill "$sampler"
-    "$venv/bin/aemnist" status --workdir "$workdir" > "$OUT/status.txt" 2>&1 || true
+    # SQLite's backup: what is still in the write-ahead log comes too (a copy would lose it).
+    "$python" -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
+        "$PREFECT_HOME/prefect.db" "$OUT/prefect.db"
     mkdir -p "$OUT/results"
-    "$venv/bin/aemnist" export --workdir "$workdir" --out "$OUT/results/${PROFILE:-paper}" \
-        > "$OUT/export.log" 2>&1
+    start=$(date +%s)
+    "$aemnist" export --workdir "$workdir" --out "$OUT/results/${PROFILE:-paper}" \
+        > "$OUT/export.log" 2>&1 || { cat "$OUT/export.log"; exit 1; }
+    elapsed export "$start"
     tail -5 "$OUT/run.log"; cat "$OUT/times.txt"
 }
 
