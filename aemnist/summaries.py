@@ -87,34 +87,22 @@ def grid_summary(histories: pd.DataFrame) -> pd.DataFrame:
     seed's score is its mean over the folds, and the table gives their mean ± standard
     deviation over the seeds (``repeats``: how many)."""
     histories = _repeats(histories)
-    n_seeds = histories["repeat"].nunique()
-    if n_seeds > 1:
-        per_seed = grid_seed_scores(histories)
-        table = (
-            per_seed.groupby(GRID_CELL)
-            .agg(
-                train_loss_mean=("train_loss", "mean"),
-                train_loss_std=("train_loss", "std"),
-                val_loss_mean=("val_loss", "mean"),
-                val_loss_std=("val_loss", "std"),
-                n_folds=("n_folds", "min"),
-                repeats=("repeat", "nunique"),
-            )
-            .reset_index()
-        )
-        return _with_dead_starts(_rank_grid(table), histories)
-    last = histories.loc[histories.groupby([*GRID_CELL, "fold"])["epoch"].idxmax()]
+    if histories["repeat"].nunique() > 1:  # a row per seed and cell: its fold mean
+        rows, folds = grid_seed_scores(histories), ("n_folds", "min")
+    else:  # a row per fold and cell: its last epoch
+        rows = histories.loc[histories.groupby([*GRID_CELL, "fold"])["epoch"].idxmax()]
+        folds = ("fold", "nunique")
     table = (
-        last.groupby(GRID_CELL)
+        rows.groupby(GRID_CELL)
         .agg(
             train_loss_mean=("train_loss", "mean"),
             train_loss_std=("train_loss", "std"),
             val_loss_mean=("val_loss", "mean"),
             val_loss_std=("val_loss", "std"),
-            n_folds=("fold", "nunique"),
+            n_folds=folds,
+            repeats=("repeat", "nunique"),
         )
         .reset_index()
-        .assign(repeats=1)
     )
     return _with_dead_starts(_rank_grid(table), histories)
 
