@@ -307,12 +307,12 @@ def study(
 
     ensure_writable(resolved.layout.root)
     hold_workdir(resolved.layout.root)
-    device = resolved.config.runtime.device
+    resolved_device = resolved.config.runtime.device
     if share_slots:
-        slots: str | MachineSlots = set_training_slots(device, resolved.workers)
+        slots: str | MachineSlots = set_training_slots(resolved_device, resolved.workers)
         where = f"{slots}, shared by the studies on this Prefect server"
     else:
-        slots = machine_slots(device, resolved.workers)
+        slots = machine_slots(resolved_device, resolved.workers)
         where = f"{slots.name} lock files in {slot_folder()}, shared by this user's studies here"
     resolved = dataclasses.replace(resolved, slots=slots)
     get_run_logger().info("training slots: %d of %s", resolved.workers, where)
