@@ -75,3 +75,22 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# --- end-to-end fixtures ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smoke_workdir(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path):  # noqa: ANN201
+    """One smoke study run with the command line, shared by the modules that only read its
+    work dir (test_export, test_study_e2e): ``(workdir, result)``; its Prefect home beside
+    the work dir (``prefect-home``). Modules that change a work dir run their own."""
+    from cli_helpers import run_cli, smoke_run
+
+    root = tmp_path_factory.mktemp("smoke")
+    workdir = root / "work"
+    result = run_cli(smoke_run(workdir, mnist_mirror), home=root / "prefect-home")
+    assert result.returncode == 0, (
+        f"smoke study failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    )
+    return workdir, result

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import REPO_ROOT, cli_env, run_cli, smoke_run
+from cli_helpers import REPO_ROOT, cli_env, run_cli
 
 from aemnist.config import read_saved_config
 from aemnist.export import ExportError, export_study
@@ -52,12 +52,13 @@ def _sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> dict[str, Path]:
-    """A smoke study run with the command line, then exported with it to results/smoke."""
+def smoke(
+    tmp_path_factory: pytest.TempPathFactory, smoke_workdir: tuple[Path, object]
+) -> dict[str, Path]:
+    """The session's smoke study (conftest), exported with the command line to
+    results/smoke; the export only reads the work dir (the store's hash is checked)."""
     root = tmp_path_factory.mktemp("ship")
-    workdir = root / "work"
-    result = run_cli(smoke_run(workdir, mnist_mirror), home=root / "home")
-    assert result.returncode == 0, f"smoke study failed:\n{result.stderr[-4000:]}"
+    workdir, _ = smoke_workdir
     store = _sha256(workdir / "mlflow.db")
     out = root / "results" / "smoke"
     exported = run_cli(["export", "--workdir", str(workdir), "--out", str(out)], root / "home")

@@ -27,7 +27,6 @@ from cli_helpers import (
     grid_names,
     nested_runs,
     run_cli,
-    smoke_run,
 )
 from mlflow import MlflowClient
 
@@ -53,13 +52,8 @@ ML = "?workflowType=machine_learning"
 
 
 @pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path):  # noqa: ANN201
-    root = tmp_path_factory.mktemp("smoke")
-    workdir = root / "work"
-    result = run_cli(smoke_run(workdir, mnist_mirror), home=root / "prefect-home")
-    assert result.returncode == 0, (
-        f"smoke study failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    )
+def smoke_study(smoke_workdir):  # noqa: ANN001, ANN201
+    workdir, result = smoke_workdir  # the session's smoke study (conftest)
     client = MlflowClient(embedded_tracking_uri(workdir))
     experiment = client.get_experiment_by_name(EXPERIMENT)
     parents = client.search_runs(
