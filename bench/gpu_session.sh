@@ -11,6 +11,7 @@
 # There (carry .gl/part1, then .gl/part2, on one warm machine):
 #   sh bench/gpu_session.sh stage .gl/part1
 #   sh bench/gpu_session.sh run .gl/part2               # installs, runs, exports to $OUT
+#   sh bench/gpu_session.sh finish                      # only if `run` said the study runs on
 #
 # `run` reads: PROFILE (paper), DEVICE (cuda), CONFIG (bench/gpu_session.toml: the grid with
 # one seed, the sweep and final model with three, what fits the 15 minutes a session has),
@@ -42,11 +43,12 @@ stage() {  # PART: keep the first part's files on the machine until the second c
     ls "$stage_dir" | wc -l
 }
 
-elapsed() { echo "$1 $(( $(date +%s) - $2 )) s" | tee -a "$OUT/times.txt"; }
+run_dir=/tmp/aemnist-run  # the study's log, times and exit code, across calls
 
-run() {  # PART: install from both parts, run the study, export it
+run() {  # PART: install from both parts, start the study in the background, then finish
     : "${OUT:?set OUT to the folder that comes back}"
     cp -r "$1"/* "$stage_dir/"
+    rm -rf "$run_dir" && mkdir -p "$run_dir"
     start=$(date +%s)
     if [ -n "${NODE_PYTHON:-}" ]; then
         python=$NODE_PYTHON
@@ -54,33 +56,52 @@ run() {  # PART: install from both parts, run the study, export it
         python3 -m venv --system-site-packages "$venv"
         python=$venv/bin/python
     fi
-    PYTHON=$python sh "$stage_dir/install.sh" --quiet > "$OUT/install.log" 2>&1
-    aemnist=$(dirname "$python")/aemnist
-    elapsed install "$start"
-    if command -v nvidia-smi > /dev/null; then
-        nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used \
-            --format=csv -l 1 > "$OUT/gpu.csv" 2>&1 &
-    else
-        sleep 86400 &  # no GPU (a rehearsal): nothing to sample
+    PYTHON=$python sh "$stage_dir/install.sh" --quiet > "$run_dir/install.log" 2>&1 \
+        || { tail -20 "$run_dir/install.log"; exit 1; }
+    echo "$python" > "$run_dir/python"
+    echo "install $(( $(date +%s) - start )) s" >> "$run_dir/times.txt"
+    # A call of the device tool lasts at most 600 s and the study may take longer: it runs
+    # on in its own session (setsid) between calls, and `finish` collects it.
+    PREFECT_HOME=/tmp/aemnist-prefect AEMNIST_MNIST_MIRROR=$stage_dir/mnist \
+        setsid sh -c '
+            if command -v nvidia-smi > /dev/null; then
+                nvidia-smi --query-gpu=timestamp,utilization.gpu,utilization.memory,memory.used \
+                    --format=csv -l 1 > "$0/gpu.csv" 2>&1 & sampler=$!
+            fi
+            start=$(date +%s)
+            "$1" run --profile "$2" --device "$3" --config "$4" --workdir "$5" > "$0/run.log" 2>&1
+            echo $? > "$0/exit"
+            echo "study $(( $(date +%s) - start )) s" >> "$0/times.txt"
+            [ -n "${sampler:-}" ] && kill "$sampler"
+        ' "$run_dir" "$(dirname "$python")/aemnist" "${PROFILE:-paper}" "${DEVICE:-cuda}" \
+        "${CONFIG:-$PWD/bench/gpu_session.toml}" "$workdir" < /dev/null > /dev/null 2>&1 &
+    finish
+}
+
+finish() {  # wait for the study (up to WAIT s, default 500), then bring everything back
+    : "${OUT:?set OUT to the folder that comes back}"
+    waited=0
+    while [ ! -f "$run_dir/exit" ] && [ "$waited" -lt "${WAIT:-500}" ]; do
+        sleep 5; waited=$((waited + 5))
+    done
+    cp "$run_dir"/*.log "$run_dir/times.txt" "$OUT/" 2>/dev/null || true
+    [ -f "$run_dir/gpu.csv" ] && cp "$run_dir/gpu.csv" "$OUT/"
+    if [ ! -f "$run_dir/exit" ]; then
+        echo "still running after ${waited} s: call \`sh bench/gpu_session.sh finish\` again"
+        tail -3 "$run_dir/run.log"; return 0
     fi
-    sampler=$!
-    export PREFECT_HOME=/tmp/aemnist-prefect  # its database comes back: the task runs' times
-    start=$(date +%s)
-    AEMNIST_MNIST_MIRROR=$stage_dir/mnist "$aemnist" run \
-        --profile "${PROFILE:-paper}" --device "${DEVICE:-cuda}" \
-        --config "${CONFIG:-bench/gpu_session.toml}" --workdir "$workdir" \
-        > "$OUT/run.log" 2>&1 || { kill "$sampler"; tail -40 "$OUT/run.log"; exit 1; }
-    elapsed study "$start"
-    kill "$sampler"
+    [ "$(cat "$run_dir/exit")" = 0 ] || { tail -40 "$run_dir/run.log"; exit 1; }
+    python=$(cat "$run_dir/python")
     # SQLite's backup: what is still in the write-ahead log comes too (a copy would lose it).
     "$python" -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
-        "$PREFECT_HOME/prefect.db" "$OUT/prefect.db"
+        /tmp/aemnist-prefect/prefect.db "$OUT/prefect.db"
     mkdir -p "$OUT/results"
     start=$(date +%s)
-    "$aemnist" export --workdir "$workdir" --out "$OUT/results/${PROFILE:-paper}" \
-        > "$OUT/export.log" 2>&1 || { cat "$OUT/export.log"; exit 1; }
-    elapsed export "$start"
-    tail -5 "$OUT/run.log"; cat "$OUT/times.txt"
+    "$(dirname "$python")/aemnist" export --workdir "$workdir" \
+        --out "$OUT/results/${PROFILE:-paper}" > "$OUT/export.log" 2>&1 \
+        || { cat "$OUT/export.log"; exit 1; }
+    echo "export $(( $(date +%s) - start )) s" | tee -a "$run_dir/times.txt" >> "$OUT/times.txt"
+    tail -5 "$run_dir/run.log"; cat "$OUT/times.txt"
 }
 
 "$@"
