@@ -89,3 +89,27 @@ def test_a_slot_folder_open_to_others_is_refused_naming_it(private_runtime_dir: 
     folder.chmod(0o777)
     with pytest.raises(SlotError, match=f"{folder} is not a private folder"):
         slot_folder()
+
+
+def test_aemnist_run_names_a_slot_folder_open_to_others_in_one_line_before_anything(
+    private_runtime_dir: Path, tmp_path: Path, mnist_mirror: Path
+) -> None:
+    from cli_helpers import run_cli, smoke_run
+
+    slot_folder().chmod(0o777)
+    workdir = tmp_path / "work"
+
+    result = run_cli(
+        smoke_run(workdir, mnist_mirror),
+        tmp_path / "home",
+        {"XDG_RUNTIME_DIR": str(private_runtime_dir)},
+    )
+
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"aemnist: error: the training-slot folder {private_runtime_dir}"
+        f"/aemnist-slots-{os.getuid()} is not a private folder of this user (owner uid "
+        f"{os.getuid()}, mode drwxrwxrwx); remove it, or set XDG_RUNTIME_DIR to a folder only "
+        f"you can write"
+    ]
+    assert not workdir.exists()  # nothing created

@@ -47,10 +47,13 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that are the user's to fix: one line, no traceback."""
     from aemnist.data import DataError
     from aemnist.export import ExportError
+    from aemnist.machine_slots import SlotError
     from aemnist.schemas import TableError
     from aemnist.tracking import TrackingError
 
-    return (ConfigError, DataError, ExportError, TableError, TrackingError, StackError)
+    return (
+        ConfigError, DataError, ExportError, SlotError, TableError, TrackingError, StackError
+    )  # fmt: skip
 
 
 # OSErrors that the machine causes, not the code: a full disk, a denied or read-only path, a

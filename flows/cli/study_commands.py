@@ -13,8 +13,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-# Only light modules here: `aemnist run` starts its temporary Prefect server before it
-# imports torch, MLflow, pandas and Prefect, so that the server's start-up overlaps theirs.
 from aemnist.config import (
     MIRROR_ENV,
     PROFILES,
@@ -27,6 +25,10 @@ from aemnist.config import (
 )
 from aemnist.datasets import DEFAULT_DATASET
 from aemnist.layout import Layout
+
+# Only light modules here: `aemnist run` starts its temporary Prefect server before it
+# imports torch, MLflow, pandas and Prefect, so that the server's start-up overlaps theirs.
+from aemnist.machine_slots import slot_folder
 from aemnist.plan import STAGES
 from aemnist.workdir import WorkdirLocked, hold_workdir
 from deployments.auth import CREDENTIALS_FILE, PREFECT_AUTH_ENV, read_credentials
@@ -277,6 +279,9 @@ def _temporary_server(config: StudyConfig, workdir: Path) -> TemporaryPrefectSer
         from aemnist.plan import resolve_study
 
         resolve_study(config, workdir)
+    # Its training tasks will hold the machine's slot lock files: a slot folder that is not
+    # the user's own is named now, in one line, not by the flow's first training task.
+    slot_folder()
     workdir = workdir.resolve()
     state = server_dir(workdir)
     try:
