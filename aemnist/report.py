@@ -204,21 +204,16 @@ def _rows(path: Path, schema_name: str) -> pd.DataFrame:
 def load_tables(layout: Layout, repeats: int = 1) -> StudyTables:
     """Read every table the report needs; a missing or malformed one raises TableError.
     ``repeats``: the seeds the final model was trained with (each has its metrics file)."""
-    mses = tuple(
-        _metrics(layout.final_metrics_of(r), required=("test_mse",))["test_mse"]
-        for r in range(repeats)
-    )
-    dead = tuple(
-        dead_epochs(read_frame(layout.final_history_of(r), "sweep_history").sort_values("epoch"))
-        for r in range(repeats)
-    )
+    # Each seed's final metrics and history, read once; repeat 0's are the evaluated model's.
+    metrics = [_metrics(layout.final_metrics_of(r), required=("test_mse",)) for r in range(repeats)]
+    histories = [read_frame(layout.final_history_of(r), "sweep_history") for r in range(repeats)]
     return StudyTables(
-        final_test_mses=mses,
-        final_dead_epochs=dead,
+        final_test_mses=tuple(m["test_mse"] for m in metrics),
+        final_dead_epochs=tuple(dead_epochs(h.sort_values("epoch")) for h in histories),
         grid=_rows(layout.grid_summary, "grid_summary"),
         sweep=_rows(layout.sweep_summary, "sweep_summary"),
-        final_history=read_frame(layout.final_history, "sweep_history"),
-        final_metrics=_metrics(layout.final_metrics, required=("test_mse",)),
+        final_history=histories[0],
+        final_metrics=metrics[0],
         corruption=_rows(layout.corruption, "corruption"),
         examples=read_frame(layout.corruption_examples, "corruption_examples"),
         embedding=read_frame(layout.embedding, "embedding"),
