@@ -44,7 +44,7 @@ from cli_helpers import (
 from mlflow import MlflowClient
 
 from aemnist.tracking import EXPERIMENT, REGISTERED_MODEL, embedded_tracking_uri
-from aemnist.workdir import lock_workdir
+from aemnist.workdir import WorkdirLocked, lock_workdir
 from deployments.auth import CREDENTIALS_FILE, Credentials, read_credentials
 from deployments.servers import prefect_request
 
@@ -978,7 +978,14 @@ def test_a_deployment_run_honours_runtime_workers_and_gives_the_cli_runs_tables(
         assert stack.wait_for_flow_run(flow_run_id) == "COMPLETED", worker.output()[-5000:]
         # A deployment run takes the work dir's lock too: while another process holds it
         # (here this one, as a running `aemnist run` would), the run stops before any task.
-        with lock_workdir(deployed_dir):
+        # The finished run's process lets the lock go as it exits, a moment after its state.
+        for _ in range(300):
+            try:
+                held = lock_workdir(deployed_dir)
+                break
+            except WorkdirLocked:
+                time.sleep(0.1)
+        with held:
             second = stack.run_deployment("study/smoke", deployed_dir)
             assert stack.wait_for_flow_run(second) == "FAILED"
         logs = stack.api("/logs/filter", {"logs": {"flow_run_id": {"any_": [second]}}})
