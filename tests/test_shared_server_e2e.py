@@ -14,8 +14,9 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
-from contextlib import closing, contextmanager, suppress
+from contextlib import AbstractContextManager, closing, contextmanager, suppress
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -26,6 +27,7 @@ from cli_helpers import REPO_ROOT, cli_env, nested_runs, run_cli, smoke_parents,
 from mlflow import MlflowClient
 from test_production_e2e import Background, aemnist
 
+from aemnist.machine_slots import MachineSlots, machine_slot
 from aemnist.tracking import embedded_tracking_uri
 from deployments.servers import prefect_request
 
@@ -80,32 +82,55 @@ class Study:
 
 
 def run_together(
-    runs: dict[str, tuple[Path, dict[str, str]]], config: Path, mirror: Path, home: Path
+    runs: dict[str, tuple[Path, dict[str, str]]],
+    config: Path,
+    mirror: Path,
+    home: Path,
+    holding: AbstractContextManager[object],
 ) -> dict[str, str]:
     """Start a smoke study per entry of ``runs`` (name: work dir, extra environment) at once
-    with ``config``; wait for all; their outputs by name."""
-    processes = {}
-    for name, (workdir, extra) in runs.items():
-        args = smoke_run(workdir, mirror, "--config", str(config))
-        processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", *args],
-            cwd=REPO_ROOT,
-            env=cli_env(home, extra),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+    with ``config``; wait for all; their outputs by name.
+
+    The test holds the machine's one training slot (``holding``) until every study has
+    written its folds table, the last table before training: then all of them wait for the
+    slot at once. Without that, one study's start (a temporary server's, which waits for
+    another's on the same Prefect home) can take as long as the other's whole training,
+    and they train one after the other whatever the slots (seen once in CI)."""
+    processes: dict[str, subprocess.Popen] = {}
+    logs = {name: workdir.parent / f"{workdir.name}.out" for name, (workdir, _) in runs.items()}
+    errors = {name: path.with_suffix(".err") for name, path in logs.items()}
     outputs = {}
     try:
+        with holding:
+            for name, (workdir, extra) in runs.items():
+                args = smoke_run(workdir, mirror, "--config", str(config))
+                # Files, not pipes: no pipe fills while the test waits.
+                with logs[name].open("w") as out, errors[name].open("w") as err:
+                    processes[name] = subprocess.Popen(
+                        [sys.executable, "-m", "flows.cli", *args],
+                        cwd=REPO_ROOT,
+                        env=cli_env(home, extra),
+                        stdout=out,
+                        stderr=err,
+                    )
+            deadline = time.monotonic() + 600
+            while not all((workdir / "folds.parquet").exists() for workdir, _ in runs.values()):
+                for name, process in processes.items():
+                    assert process.poll() is None, f"{name}:\n{errors[name].read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no folds table within 600 s"
+                time.sleep(0.1)
         for name, process in processes.items():
-            stdout, stderr = process.communicate(timeout=900)
-            assert process.returncode == 0, f"{name}:\n{stdout[-3000:]}\n{stderr[-3000:]}"
-            outputs[name] = stdout
+            process.wait(timeout=900)
+            output = logs[name].read_text()
+            assert process.returncode == 0, (
+                f"{name}:\n{output[-3000:]}\n{errors[name].read_text()[-3000:]}"
+            )
+            outputs[name] = output
     finally:
         for process in processes.values():  # one failed: the other is not left running
             if process.poll() is None:
                 process.terminate()
-                process.communicate(timeout=60)
+                process.wait(timeout=60)
     return outputs
 
 
@@ -123,7 +148,9 @@ def two_studies(server: Server, mnist_mirror: Path) -> tuple[Study, Study]:
         "served": (server.workdir, {}),
         "own": (own, {"PREFECT_API_URL": server.prefect_api}),
     }
-    outputs = run_together(runs, config, mnist_mirror, home)
+    # The machine's limit, made before the studies would make it, so the test can hold it.
+    server.post("/v2/concurrency_limits/", {"name": SLOTS, "limit": 1})
+    outputs = run_together(runs, config, mnist_mirror, home, holding_every_slot(server))
     return (
         Study(server.workdir, server.mlflow_uri, outputs["served"]),
         Study(own, embedded_tracking_uri(own), outputs["own"]),
@@ -176,7 +203,7 @@ def test_two_studies_on_one_server_never_train_more_models_at_once_than_its_slot
 
 
 def test_two_studies_on_temporary_servers_of_their_own_share_the_machines_slot_files(
-    tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path
+    tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """No server in common (each `aemnist run` starts its own): the training slots are the
     machine's lock files, and one slot still keeps the two studies' training apart."""
@@ -187,7 +214,9 @@ def test_two_studies_on_temporary_servers_of_their_own_share_the_machines_slot_f
     runtime.mkdir(mode=0o700)
     extra = {"XDG_RUNTIME_DIR": str(runtime)}
     runs = {name: (root / name, extra) for name in ("first", "second")}
-    outputs = run_together(runs, config, mnist_mirror, root / "home")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # the test holds the same slot file
+    held = machine_slot(MachineSlots("aemnist-cpu", 1))
+    outputs = run_together(runs, config, mnist_mirror, root / "home", held)
 
     studies = [Study(root / n, embedded_tracking_uri(root / n), outputs[n]) for n in runs]
     for study in studies:
