@@ -18,9 +18,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP_INSTALL) -e .
 	touch $@
 
-# The tests drive the Dask task runner and the PostgreSQL-backed stack too.
+# The tests drive the Dask task runner, the PostgreSQL-backed stack and S3 storage too.
 $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
-	$(PIP_INSTALL) -e '.[dev,dask,postgres]'
+	$(PIP_INSTALL) -e '.[dev,dask,postgres,s3]'
 	touch $@
 
 run: $(VENV)/.installed
