@@ -112,9 +112,12 @@ def fingerprint(value: Any) -> Any:
         return {"table_sha256": value.sha256}
     if isinstance(value, Layout):
         # MNIST's key as before datasets were a field: its earlier caches stay valid.
-        if value.dataset == "mnist":
-            return {"workdir": str(value.root)}
-        return {"workdir": str(value.root), "dataset": value.dataset}
+        key = {"workdir": str(value.root)}
+        if value.dataset != "mnist":
+            key["dataset"] = value.dataset
+        if value.storage:  # a study in an object store is not the work dir's
+            key["storage"] = value.storage
+        return key
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             f.name: fingerprint(getattr(value, f.name))

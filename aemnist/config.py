@@ -37,6 +37,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from aemnist.datasets import DEFAULT_DATASET
+from aemnist.storage import is_remote, put_whole
 
 Profile = Literal["smoke", "quick", "paper"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -279,6 +280,25 @@ class EmbeddingConfig(_Section):
         return self
 
 
+def _storage_url(value: str) -> str:
+    """runtime.storage: empty (the work dir) or an object store's URL, ``scheme://...``. The
+    message never repeats a value that holds credentials."""
+    scheme, _, rest = value.partition("://")
+    if value and "@" in rest.split("/", 1)[0]:
+        raise PydanticCustomError(
+            "config_plain",
+            "must not hold credentials (user:secret@...); give them through the store's "
+            "environment (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3)",
+        )
+    if value and (scheme in ("", "file", "local") or not rest.strip("/")):
+        message = (
+            f"must be an object store's URL such as s3://bucket/prefix, got {value!r}; leave "
+            f"it empty to keep the study's files in the work dir"
+        )
+        raise PydanticCustomError("config_plain", "{message}", {"message": message})
+    return value
+
+
 class RuntimeConfig(_Section):
     """Where and how parallel the compute runs; changes no number of the study's tables."""
 
@@ -297,6 +317,12 @@ class RuntimeConfig(_Section):
         8,
         ge=1,
         description="training tasks sharing one GPU at a time, each on its own CUDA stream",
+    )
+    storage: Annotated[str, AfterValidator(_storage_url)] = Field(
+        "",
+        description="where the stages' tables, cache records, checkpoints, figures and report "
+        "lie: empty = the work dir, or an object store's URL (s3://bucket/prefix) whose "
+        "credentials come from the environment; the work dir keeps its lock and MLflow store",
     )
 
 
@@ -360,6 +386,8 @@ class StudyConfig(_Section):
         # config gave, so earlier work dirs and MLflow runs keep their hash. A field added
         # since is left out at its default (LATER_FIELDS), for the same reason.
         raw = self.to_dict()
+        # Where the files lie is not what the study computes (as the work dir is not).
+        del raw["runtime"]["storage"]
         for (section, name), default in LATER_FIELDS.items():
             if raw[section][name] == default:
                 del raw[section][name]
@@ -462,15 +490,18 @@ def run_overrides(
     device: str | None = None,
     repeats: int | None = None,
     dataset: str | None = None,
+    storage: str | None = None,
 ) -> dict[str, Any]:
     """The overrides of a run's command-line flags (or flow parameters): only those given."""
     out: dict[str, Any] = {}
+    if storage is not None:
+        out["runtime"] = {"storage": storage}
     if dataset is not None:
         out["data"] = {"dataset": dataset}
     if seed is not None:
         out["seed"] = seed
     if device is not None:
-        out["runtime"] = {"device": device}
+        out.setdefault("runtime", {})["device"] = device
     if repeats is not None:  # --repeats N: every training stage with N seeds
         out["grid"] = {"repeats": repeats}
         out["sweep"] = {"repeats": repeats}
@@ -512,7 +543,7 @@ def _message(error: ErrorDetails) -> str:
     if kind == "config_rule":
         field = ctx["field"]
         return f"{_dotted(loc)}.{field}: {ctx['message']}" if loc else f"{field}: {ctx['message']}"
-    if kind == "config_duplicates":
+    if kind in ("config_duplicates", "config_plain"):  # the message says it all
         return f"{name}: {error['msg']}"
     if kind == "extra_forbidden":
         return f"{name}: unknown config field; {_known_fields(loc[:-1])}"
@@ -601,6 +632,9 @@ def save_config(config: StudyConfig, path: Path) -> None:
     over it, so that an interrupted write (a kill, a full disk) leaves the previous file or
     none, never half of one."""
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    if is_remote(path):  # in an object store: one whole object (aemnist.storage)
+        put_whole(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        return
     # A plain open ("x": a name no one else has) keeps the umask's permissions, as before.
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:

@@ -58,6 +58,7 @@ from aemnist.schemas import (
     table_footer,
     write_table,
 )
+from aemnist.storage import is_remote
 
 if TYPE_CHECKING:
     import torch
@@ -573,9 +574,14 @@ def download_mnist(
     existing = None if force else verified_tables(data_dir, dataset)
     if existing is not None:
         return existing, False
-    ensure_writable(data_dir)
-    cache = data_dir / "torchvision"
-    payloads = fetch_payloads(mirror, cache, dataset=dataset)
+    if is_remote(data_dir):
+        # torchvision downloads to a folder on this disk; the tables go to the store.
+        with tempfile.TemporaryDirectory(prefix="aemnist-download-") as folder:
+            payloads = fetch_payloads(mirror, Path(folder) / "torchvision", dataset=dataset)
+    else:
+        ensure_writable(data_dir)
+        cache = data_dir / "torchvision"
+        payloads = fetch_payloads(mirror, cache, dataset=dataset)
     # Parse everything before writing anything: a bad file leaves earlier tables untouched.
     tables = {}
     for split, (images_name, labels_name) in SPLITS.items():
@@ -591,7 +597,7 @@ def download_mnist(
     for split, path in mnist_paths(data_dir, dataset).items():
         meta = spec.table_metadata(split)
         refs[split] = write_table(tables[split], path, "mnist", metadata=meta)
-    if cache.exists():
+    if not is_remote(data_dir) and cache.exists():
         shutil.rmtree(cache, ignore_errors=True)
     return refs, True
 

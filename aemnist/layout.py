@@ -7,6 +7,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from aemnist.storage import as_path, is_remote
+
 # A work dir holds what the next run trusts (tables, cache records, checkpoints): its owner's
 # alone, as are the folders the project creates in it (aemnist.schemas writes files 0600).
 PRIVATE_MODE = 0o700
@@ -43,15 +45,32 @@ class Layout:
     stay valid); another dataset's in a folder of its own, ``root/<dataset>`` (``study_dir``),
     tables, cache, checkpoints, figures and report alike, so that switching datasets in one
     work dir never reads, reuses or overwrites the other's results. The work dir's lock,
-    MLflow store and servers stay in ``root``, shared (runs carry a ``dataset`` tag)."""
+    MLflow store and servers stay in ``root``, shared (runs carry a ``dataset`` tag).
+
+    With ``storage`` (a URL, ``runtime.storage``), the study's files lie there instead, laid
+    out the same way (aemnist.storage): everything the stages hand each other, the cache
+    records, checkpoints, figures and report. The work dir keeps its lock, MLflow store and
+    servers."""
 
     root: Path
     dataset: str = "mnist"
+    storage: str = ""
+
+    @property
+    def base(self) -> Path:
+        """The work dir, or the storage location when one is given."""
+        return as_path(self.storage.rstrip("/")) if self.storage else self.root
+
+    @property
+    def remote(self) -> bool:
+        """Whether the study's files lie in an object store (not on this machine's disk)."""
+        return is_remote(self.base)
 
     @property
     def study_dir(self) -> Path:
-        """Where this dataset's files lie: the work dir for MNIST, else a folder in it."""
-        return self.root if self.dataset == "mnist" else self.root / self.dataset
+        """Where this dataset's files lie: the work dir (or storage) for MNIST, else a
+        folder in it."""
+        return self.base if self.dataset == "mnist" else self.base / self.dataset
 
     @property
     def data_dir(self) -> Path:
@@ -149,10 +168,13 @@ class Layout:
         each one's mode afterwards. An existing folder that holds no study yet (`--workdir .`,
         say) keeps its mode: narrowing a user's own folder is not ours to decide."""
         mnist = Layout(self.root)  # the work dir's own study files, whichever dataset runs
+        here = [] if self.remote else [self.config, self.cache_dir]
         ours = not self.root.exists() or any(
-            p.exists() for p in (mnist.config, mnist.cache_dir, self.config, self.cache_dir)
+            p.exists() for p in (mnist.config, mnist.cache_dir, *here)
         )
         modes = {self.root: private_dir(self.root, narrow=ours)}
+        if self.remote:  # the store's access is its own (bucket policies), not file modes
+            return modes
         if self.study_dir != self.root:
             modes[self.study_dir] = private_dir(self.study_dir)
         modes[self.cache_dir] = private_dir(self.cache_dir)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import threading
 from pathlib import Path
@@ -115,7 +116,8 @@ def save_checkpoint(model: Autoencoder, path: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> Autoencoder:
-    payload = torch.load(path, weights_only=True, map_location="cpu")
+    # From bytes: a checkpoint in an object store is no local file (aemnist.storage).
+    payload = torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
     model = Autoencoder(int(payload["size"]))
     model.load_state_dict(payload["state_dict"])
     model.eval()

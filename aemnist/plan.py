@@ -107,7 +107,7 @@ def resolve_study(
     threads = threads_per_task(workers)
     return Study(
         config=config,
-        layout=Layout(workdir.resolve(), config.data.dataset),
+        layout=Layout(workdir.resolve(), config.data.dataset, config.runtime.storage),
         workers=workers,
         threads=threads,
         # A single final task gets every core; several (repeats) share them as the sweep does.

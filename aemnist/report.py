@@ -480,7 +480,12 @@ def figure_markdown(layout: Layout, key: str, report_path: Path | None = None) -
     the report is written; default: the work dir's report.md)."""
     fig = next(f for f in FIGURES if f.key == key)
     at = (report_path or layout.report).parent
-    link = Path(os.path.relpath(layout.figures_dir / fig.filename, at))
+    target = layout.figures_dir / fig.filename
+    if layout.remote:
+        # In an object store: beside the store's report, else the figure's URL.
+        link = Path(f"{target.parent.name}/{target.name}") if at == layout.study_dir else target
+    else:
+        link = Path(os.path.relpath(target, at))
     caption = fig.caption
     if not has_reference(layout.dataset):  # no seed's curve; classes, not digits
         caption = caption.replace(", ours and the seed's", "").replace("by digit", "by class")
@@ -1061,7 +1066,7 @@ def build_report(
     The report names ``run``, the MLflow run of the study writing it, and records it beside
     itself (``layout.report_run``) with the date of ``today`` (default: the date of today);
     without ``run`` (`aemnist report`), the recorded run, dated as recorded."""
-    if out is not None and out.resolve() == layout.report.resolve():
+    if out is not None and not layout.remote and out.resolve() == layout.report.resolve():
         out = None  # the work dir's own report: with its hash record, as always
     tables = load_study_tables(layout, config)
     if run is not None:

@@ -22,10 +22,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from aemnist.storage import as_path, fs_path, is_remote, put_whole
 
 N_PIXELS = 28 * 28
 
@@ -159,7 +162,7 @@ class TableRef:
 
 def file_sha256(path: Path | str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with as_path(path).open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -182,7 +185,7 @@ def producing(key: str | None) -> Iterator[None]:
 
 def hash_record(path: Path | str) -> Path:
     """The sidecar that holds the SHA-256 of an output file (and its producer's key)."""
-    path = Path(path)
+    path = as_path(path)
     return path.with_name(f".{path.name}.sha256")
 
 
@@ -233,7 +236,18 @@ def _temp_file(path: Path) -> Iterator[Path]:
 
 def atomic_replace(path: Path, write: Callable[[Path], object]) -> str:
     """Call ``write(tmp)`` then rename tmp onto ``path`` (created ``FILE_MODE``); on any error
-    nothing is left behind. Returns the SHA-256 of what was written."""
+    nothing is left behind. Returns the SHA-256 of what was written. In an object store
+    (aemnist.storage), ``tmp`` is a local file sent whole in one request."""
+    if is_remote(path):
+        digest = ""
+
+        def written(tmp: Path) -> None:
+            nonlocal digest
+            write(tmp)
+            digest = file_sha256(tmp)
+
+        put_whole(path, written)
+        return digest
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _temp_file(path) as tmp:
         write(tmp)
@@ -311,7 +325,7 @@ def output_state(path: Path | str, key: str | None = None) -> str:
     """``intact`` (the file matches its recorded SHA-256 and, if ``key`` is given, was written
     by that task), ``stale`` (intact but written by another task or config), ``missing`` or
     ``damaged``."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         return "missing"
     record = _read_record(path)
@@ -324,7 +338,7 @@ def output_state(path: Path | str, key: str | None = None) -> str:
 
 def recorded_ref(path: Path | str, key: str | None = None) -> TableRef | None:
     """A TableRef for an intact output from its hash record (rows unknown: -1), else None."""
-    path = Path(path)
+    path = as_path(path)
     if output_state(path, key) != "intact":
         return None
     record = _read_record(path)
@@ -338,7 +352,7 @@ def write_table(
     metadata: dict[str, str] | None = None,
 ) -> TableRef:
     """Cast ``data`` to its declared schema and write it atomically as zstd parquet."""
-    path = Path(path)
+    path = as_path(path)
     schema = SCHEMAS[schema_name]
     if isinstance(data, pd.DataFrame):
         missing = [name for name in schema.names if name not in data.columns]
@@ -381,13 +395,23 @@ def _check_schema(path: Path, actual: pa.Schema, schema_name: str) -> None:
         )
 
 
+def _pyarrow_source(path: Path) -> tuple[Any, Any]:
+    """What pyarrow reads ``path`` from: the local file, or its key in the store's fsspec
+    file system (pyarrow wraps it)."""
+    if is_remote(path):
+        fs, key = fs_path(path)
+        return key, fs
+    return path, None
+
+
 def read_table(path: Path | str, schema_name: str) -> pa.Table:
     """Read a stage table and check it against its declared schema."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise _missing(path)
     try:
-        table = pq.read_table(path)
+        source, filesystem = _pyarrow_source(path)
+        table = pq.read_table(source, filesystem=filesystem)
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise _damaged(path, exc) from exc
     _check_schema(path, table.schema, schema_name)
@@ -409,11 +433,12 @@ def _aemnist_metadata(schema: pa.Schema) -> dict[str, str]:
 def table_footer(path: Path | str, schema_name: str) -> tuple[int, dict[str, str]]:
     """A stage table's row count and ``aemnist.*`` metadata, from its footer alone (no data
     page is decoded), after checking its schema."""
-    path = Path(path)
+    path = as_path(path)
     if not path.exists():
         raise _missing(path)
     try:
-        footer = pq.read_metadata(path)
+        source, filesystem = _pyarrow_source(path)
+        footer = pq.read_metadata(source, filesystem=filesystem)
         schema = footer.schema.to_arrow_schema()
     except Exception as exc:  # pyarrow raises several types for damaged files
         raise _damaged(path, exc) from exc

@@ -3,6 +3,7 @@ pending, worked out from the work dir alone (the stored results, outputs and che
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ def _checkpoint_epoch(job: Any, key: str) -> int | None:
     if path is None or not path.exists():
         return None
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
     except Exception:
         return None
     return len(state["history"]) if state.get("key") == key else None

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import socket
+import tempfile
 import time
 import traceback
 import urllib.error
@@ -28,6 +29,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
+from aemnist.storage import as_path, is_remote, is_url
 from aemnist.workdir import sqlite_url
 
 if TYPE_CHECKING:
@@ -343,7 +345,16 @@ class TaskRun:
         )
 
     def log_artifact(self, path: Path | str, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        """Log the file ``path`` (in the work dir, or in the study's object store: fetched
+        to a local copy of the same name first, as MLflow logs local files)."""
+        path = as_path(path)
+        if not is_remote(path):
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        with tempfile.TemporaryDirectory(prefix="aemnist-artifact-") as folder:
+            local = Path(folder) / path.name
+            local.write_bytes(path.read_bytes())
+            self.client.log_artifact(self.run_id, str(local), artifact_path)
 
     def log_inputs(self, uses: Sequence[TableUse]) -> None:
         """Log the tables the task read as the run's dataset inputs: metadata only (where
@@ -363,8 +374,8 @@ class TaskRun:
             dataset = Dataset(
                 name=use.name,
                 digest=use.table.sha256[:_DIGEST_CHARS],
-                source_type="local",
-                source=json.dumps({"uri": str(Path(use.table.path).resolve())}),
+                source_type=_source_type(use.table.path),
+                source=json.dumps({"uri": _source_uri(use.table.path)}),
                 schema=json.dumps({"mlflow_colspec": _colspec(SCHEMAS[use.schema])}),
                 profile=json.dumps(profile),
             )
@@ -476,6 +487,15 @@ def _colspec(schema: pa.Schema) -> list[dict[str, Any]]:
         return DataType.string
 
     return Schema([ColSpec(mlflow_type(f.type), f.name) for f in schema]).to_dict()
+
+
+def _source_type(path: str) -> str:
+    """A table's MLflow dataset source type: ``local``, or its store's protocol (``s3``)."""
+    return path.split("://", 1)[0] if is_url(path) else "local"
+
+
+def _source_uri(path: str) -> str:
+    return path if is_url(path) else str(Path(path).resolve())
 
 
 def log_to_parent(

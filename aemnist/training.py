@@ -8,6 +8,7 @@ loss each epoch, ReduceLROnPlateau on it).
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -144,7 +145,8 @@ def save_training_state(path: Path, state: dict[str, Any]) -> None:
 def load_training_state(path: Path) -> dict[str, Any] | None:
     """A checkpoint written by ``fit``, or None if it is unreadable (then training restarts)."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        # From bytes: a checkpoint in an object store is no local file (aemnist.storage).
+        return torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
     except Exception:  # a torn or foreign file: start over rather than fail
         return None
 

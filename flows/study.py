@@ -38,6 +38,7 @@ from aemnist.config import (
 )
 from aemnist.machine_slots import MachineSlots, slot_folder
 from aemnist.runtime import prepare_device, with_resolved_device
+from aemnist.storage import check_storage
 from aemnist.workdir import hold_workdir
 from deployments.dask_tls import DaskTLS
 from tasks.aggregate import summarise_grid, summarise_sweep
@@ -97,6 +98,8 @@ def prepare_study(
     from aemnist.datasets import dataset_spec
 
     config = load_config(profile, Path(config_file) if config_file else None, overrides)
+    if config.runtime.storage:
+        check_storage(config.runtime.storage)  # one line, before any task
     configured = os.environ.get(MIRROR_ENV) or None
     mirror = mnist_mirror or configured
     if mirror is not None:
@@ -253,6 +256,7 @@ def study_run_name() -> str:
                     parameters.get("device"),
                     parameters.get("repeats"),
                     parameters.get("dataset"),
+                    parameters.get("storage"),
                 ),
             )
         )
@@ -274,6 +278,7 @@ def study(
     device: Device | None = None,
     repeats: Repeats | None = None,
     dataset: Dataset | None = None,
+    storage: str | None = None,
     task_runner: RunnerKind = "threads",
     dask_address: str | None = None,
     dask_security: DaskTLS | None = None,
@@ -284,7 +289,8 @@ def study(
     ``profile`` (default: the config file's, else quick) and ``config_file`` (a TOML file
     overriding any field) give the config; ``seed``, ``device`` (auto, cpu or cuda) and
     ``repeats`` (seeds of the grid, the sweep and the final model) and ``dataset`` (mnist,
-    fashion-mnist or kmnist) override its fields. ``fresh``
+    fashion-mnist or kmnist) and ``storage`` (an object store's URL for the study's files)
+    override its fields. ``fresh``
     recomputes every stage; ``refresh`` names stages to recompute with every stage that
     follows from them. ``task_runner`` runs the tasks in threads or on Dask (at
     ``dask_address``, with ``dask_security``'s TLS files for a tls:// scheduler, else a local
@@ -298,7 +304,7 @@ def study(
         workdir,
         config_file,
         mnist_mirror,
-        run_overrides(seed, device, repeats, dataset),
+        run_overrides(seed, device, repeats, dataset, storage),
         plan.refreshed_stages(fresh, refresh),
     )
     # One study at a time in a work dir, on every launch path: `aemnist run` holds the lock

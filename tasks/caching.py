@@ -25,7 +25,7 @@ from aemnist.layout import Layout
 from aemnist.plan import Stage
 from aemnist.schemas import output_state, remove_stale_temps
 from aemnist.tracking import TrackingContext
-from tasks.results import CacheStore, TableRefSerializer, run_logger
+from tasks.results import CacheStore, RemoteCacheStore, TableRefSerializer, run_logger
 
 
 @dataclass
@@ -69,7 +69,7 @@ def submit_job(
     stage: Stage,
     job: Job,
     ctx: TrackingContext,
-    storage: CacheStore,
+    storage: CacheStore | RemoteCacheStore,
     refresh: bool = False,
 ) -> PrefectFuture:
     """Submit ``task`` for ``job`` to ``runner``, bound to the work dir's result store (its
@@ -106,7 +106,7 @@ def submit_job(
 SAVE_ATTEMPTS = 5  # of the cache block, racing other runs' first saves on a fresh server
 
 
-def result_storage(layout: Layout) -> CacheStore:
+def result_storage(layout: Layout) -> CacheStore | RemoteCacheStore:
     """The work dir's result store (the cache), beside the tables it describes: moving or
     deleting a work dir moves or deletes its cache with it. Saved as a block, so that every
     process of a run (a worker, a Dask worker) finds it.
@@ -129,7 +129,11 @@ def result_storage(layout: Layout) -> CacheStore:
             len(removed),
             ", ".join(str(path) for path in removed),
         )
-    storage = CacheStore(basepath=str(layout.cache_dir))
+    storage: CacheStore | RemoteCacheStore = (
+        RemoteCacheStore(basepath=str(layout.cache_dir))
+        if layout.remote
+        else CacheStore(basepath=str(layout.cache_dir))
+    )
     # MNIST's block keeps its name (the work dir's); another dataset's cache has its own.
     digest = hashlib.sha256(str(layout.study_dir).encode()).hexdigest()[:16]
     # The first saves on a server race when runs start at once (seen with three deployment

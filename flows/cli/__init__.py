@@ -49,10 +49,12 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from aemnist.export import ExportError
     from aemnist.machine_slots import SlotError
     from aemnist.schemas import TableError
+    from aemnist.storage import StorageError
     from aemnist.tracking import TrackingError
 
     return (
-        ConfigError, DataError, ExportError, SlotError, TableError, TrackingError, StackError
+        ConfigError, DataError, ExportError, SlotError, StorageError, TableError,
+        TrackingError, StackError,
     )  # fmt: skip
 
 

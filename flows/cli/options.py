@@ -66,6 +66,17 @@ def add_dataset(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_storage(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help="keep the stage tables, cache records, checkpoints, figures and report in an "
+        "object store (s3://bucket/prefix; runtime.storage), credentials from the environment "
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for another S3 service); "
+        "default: the work dir, which keeps its lock and MLflow store either way",
+    )
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """The options that pick a study's config (read by ``study_config``), and its work dir:
     `run` and `status` take the same, so that `status` describes what `run` would do."""
@@ -83,6 +94,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     )
     add_workdir(parser)
     add_dataset(parser)
+    add_storage(parser)
     parser.add_argument("--seed", type=int, help="the study's seed (default: the profile's, 0)")
     parser.add_argument(
         "--repeats",
@@ -104,5 +116,5 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 def study_config(args: argparse.Namespace) -> StudyConfig:
     """The config that ``add_config_options``'s flags select: the profile, the TOML file
     over it, then the flags that override single fields."""
-    overrides = run_overrides(args.seed, args.device, args.repeats, args.dataset)
+    overrides = run_overrides(args.seed, args.device, args.repeats, args.dataset, args.storage)
     return load_config(args.profile, args.config, overrides)

@@ -30,6 +30,7 @@ from aemnist.layout import Layout
 # imports torch, MLflow, pandas and Prefect, so that the server's start-up overlaps theirs.
 from aemnist.machine_slots import slot_folder
 from aemnist.plan import STAGES
+from aemnist.storage import check_storage
 from aemnist.workdir import WorkdirLocked, hold_workdir
 from deployments.auth import CREDENTIALS_FILE, PREFECT_AUTH_ENV, read_credentials
 from deployments.dask_tls import (
@@ -48,7 +49,13 @@ from deployments.servers import (
     stop_signal,
 )
 from deployments.stack import PREFECT_API_ENV, StackError
-from flows.cli.options import add_config_options, add_dataset, add_workdir, study_config
+from flows.cli.options import (
+    add_config_options,
+    add_dataset,
+    add_storage,
+    add_workdir,
+    study_config,
+)
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -141,6 +148,7 @@ def add_report(commands: Commands) -> None:
         "to that file's folder (the figures stay in WORKDIR/figures)",
     )
     add_dataset(report)
+    add_storage(report)
     report.set_defaults(handler=_report)
 
 
@@ -209,6 +217,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.dask_security and not args.dask_address:
         raise StackError("--dask-security needs --dask-address (a tls:// scheduler)")
     dask_security = parse_dask_security(args.dask_security) if args.dask_security else None
+    if config.runtime.storage:  # an unusable store costs no server start and no training
+        check_storage(config.runtime.storage)
     if args.task_runner == "dask" and args.dask_address:
         if dask_security is None and args.dask_address.startswith("tls://"):
             dask_security = tls_from_dask_config()
@@ -345,6 +355,7 @@ def _run_study(
             device=args.device,
             repeats=args.repeats,
             dataset=args.dataset,
+            storage=args.storage,
             task_runner=args.task_runner,
             dask_address=args.dask_address,
             dask_security=dask_security,
@@ -436,7 +447,10 @@ def _status(args: argparse.Namespace) -> int:
         resolve_tracking_uri,
     )
 
-    study = resolve_study(study_config(args), args.workdir)
+    config = study_config(args)
+    if config.runtime.storage:
+        check_storage(config.runtime.storage)
+    study = resolve_study(config, args.workdir)
     root = study.layout.root
     uri = resolve_tracking_uri(root)
     if os.environ.get(TRACKING_ENV):
@@ -452,8 +466,16 @@ def _report(args: argparse.Namespace) -> int:
     from aemnist.report import build_report
 
     # An unknown name gets the config's one line, before any file is read.
-    dataset = from_dict({"data": {"dataset": args.dataset or DEFAULT_DATASET}}).data.dataset
-    layout = Layout(args.workdir.resolve(), dataset)
+    chosen = from_dict(
+        {
+            "data": {"dataset": args.dataset or DEFAULT_DATASET},
+            "runtime": {"storage": args.storage or ""},
+        }
+    )
+    storage = chosen.runtime.storage
+    if storage:
+        check_storage(storage)
+    layout = Layout(args.workdir.resolve(), chosen.data.dataset, storage)
     config = read_saved_config(layout.config)
     print(f"Report: {build_report(layout, config, out=args.out)}")
     return 0
