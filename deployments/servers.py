@@ -652,6 +652,7 @@ def start_mlflow_server(
     env: Mapping[str, str],
     credentials: Credentials | None = None,
     backend_store_uri: str | None = None,
+    artifacts: str | None = None,
 ) -> Service:
     """An MLflow tracking server on the work dir's store: the same SQLite database and
     artifact folder that `aemnist run` uses without a server, so local and deployed runs
@@ -660,12 +661,14 @@ def start_mlflow_server(
     basic-auth app asks every request but the health check for them. ``backend_store_uri``
     (a PostgreSQL database) replaces the SQLite database; it holds a password, so it goes
     through the environment (MLflow's MLFLOW_BACKEND_STORE_URI), not the command line that
-    `ps` shows."""
+    `ps` shows. ``artifacts`` (a URL such as s3://bucket/prefix) replaces the artifact
+    folder: the server stores what it is sent there with the credentials of its own
+    environment (for S3 the usual AWS_* variables), so its clients need none."""
     from aemnist.tracking import embedded_tracking_uri  # imports MLflow: only when needed
 
     command = [
         sys.executable, "-m", "mlflow", "server",
-        "--artifacts-destination", str(workdir / "mlartifacts"),
+        "--artifacts-destination", artifacts or str(workdir / "mlartifacts"),
         "--host", host, "--port", str(port), "--workers", "1",
     ]  # fmt: skip
     server_env = {

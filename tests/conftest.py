@@ -1,7 +1,8 @@
 """Shared fixtures for the test suite.
 
 Library fixtures: ``mnist_mirror`` (the local MNIST files) and ``mnist_tables`` (the parquet
-tables built from them once per session). End-to-end fixtures go below them.
+tables built from them once per session). End-to-end fixtures go below them, and
+``s3_server`` (an S3-compatible server on loopback, tests/s3_server.py).
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from s3_server import S3Server
 
 # Prefect must not try to phone home from these offline machines; this has to be set before
 # any test module imports prefect.
@@ -94,3 +99,14 @@ def smoke_workdir(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path):
         f"smoke study failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     )
     return workdir, result
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One S3-compatible server on loopback (moto) for the whole session, started on first
+    use; each test makes a bucket of its own (``s3_server.make_bucket``) and runs its
+    processes with ``s3_server.env``."""
+    from s3_server import S3Server
+
+    with S3Server(tmp_path_factory.mktemp("s3") / "moto.log") as server:
+        yield server

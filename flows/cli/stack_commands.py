@@ -52,8 +52,8 @@ def add_server(commands: Commands) -> None:
         help="start a Prefect server and an MLflow tracking server; print their URLs",
         description="Start a Prefect server (API and UI; its database in WORKDIR/server) and "
         "an MLflow tracking server on the work dir's store (WORKDIR/mlflow.db and "
-        "WORKDIR/mlartifacts), wait until both answer, print their URLs and the variables "
-        "that point the other commands at them, and serve until Ctrl-C.",
+        "WORKDIR/mlartifacts, or --artifacts URL), wait until both answer, print their URLs "
+        "and the variables that point the other commands at them, and serve until Ctrl-C.",
     )
     add_workdir(server)
     add_host(server, "both servers bind")
@@ -82,6 +82,20 @@ def add_server(commands: Commands) -> None:
         default=5432,
         metavar="PORT",
         help="the port of the stack's own PostgreSQL cluster (default: 5432)",
+    )
+    server.add_argument(
+        "--artifacts",
+        metavar="URL",
+        help="where the MLflow server stores the runs' artifacts (default: WORKDIR/mlartifacts): "
+        "an fsspec URL such as s3://bucket/prefix, checked (bucket, credentials, a write) "
+        "before anything starts. The server writes there with the credentials of its own "
+        "environment (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY or AWS_PROFILE, and "
+        "AWS_ENDPOINT_URL for an S3-compatible service); runs send their artifacts through "
+        "it and need none. MLflow keeps an experiment's artifact location: a study first run "
+        "without a server keeps its artifacts in WORKDIR/mlartifacts whatever URL says (a new "
+        "work dir puts them at URL); an experiment created through `aemnist server` stores "
+        "at the destination of the server of the day, so artifacts logged through one with "
+        "another --artifacts are not found by this one",
     )
     server.set_defaults(handler=_server)
 
@@ -129,6 +143,8 @@ def _server(args: argparse.Namespace) -> int:
 
     require_auth_off_loopback(args.host, args.auth, "Prefect and MLflow servers")
     spec = parse_database(args.database)
+    if args.artifacts is not None:
+        check_artifacts(args.artifacts)
     workdir = args.workdir.resolve()
     ensure_writable(workdir)
     state = workdir / "server"
@@ -159,7 +175,7 @@ def _server(args: argparse.Namespace) -> int:
         )  # fmt: skip
         mlflow = start_mlflow_server(
             workdir, state, args.host, args.mlflow_port, env, credentials,
-            backend_store_uri=database and database.mlflow_url,
+            backend_store_uri=database and database.mlflow_url, artifacts=args.artifacts,
         )  # fmt: skip
         services = [prefect, mlflow]
         wait_until_ready(services, args.timeout)
@@ -176,7 +192,8 @@ def _server(args: argparse.Namespace) -> int:
             load = f"  set -a; . {credentials_file}; set +a\n"
         print(
             f"Prefect server: {prefect.url}  (UI; API at {prefect.url}/api)\n"
-            f"MLflow server:  {mlflow.url}  (UI and tracking; store: {workdir})\n"
+            f"MLflow server:  {mlflow.url}  (UI and tracking; store: {workdir}"
+            f"{f', artifacts at {args.artifacts}' if args.artifacts else ''})\n"
             f"Access: {access}\n"
             f"In each shell that deploys, starts a worker or runs the study:\n"
             f"  export PREFECT_API_URL={prefect.url}/api\n"
@@ -201,6 +218,23 @@ def _server(args: argparse.Namespace) -> int:
         return 0 if serving else stop_exit_code(signum)
     finally:
         stop_children()
+
+
+def check_artifacts(url: str) -> None:
+    """Stop `aemnist server --artifacts URL` in one line, before it starts or creates
+    anything, when the MLflow server could not store artifacts at ``url``: not a URL, an
+    unknown protocol, no credentials, an unreachable endpoint, no such bucket, no write."""
+    from aemnist.storage import StorageError, check_storage, is_url
+
+    if not is_url(url):
+        raise StackError(
+            f"--artifacts {url} is not a URL: name the store as one (s3://bucket/prefix), or "
+            f"leave --artifacts out to keep the artifacts in WORKDIR/mlartifacts"
+        )
+    try:
+        check_storage(url)
+    except StorageError as exc:
+        raise StackError(f"--artifacts: {exc}") from None
 
 
 def lock_server(state: Path) -> WorkdirLock:
