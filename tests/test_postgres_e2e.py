@@ -211,14 +211,15 @@ def concurrent(stack: Stack) -> Concurrent:
 def test_three_runs_at_once_on_two_workers_complete_with_prefect_and_mlflow_on_postgres(
     pg: PgStack, stack: Stack, concurrent: Concurrent
 ) -> None:
-    # Both workers took runs (at most two each), each run exactly one of them: when both
-    # claim one, the server lets one through and aborts the other's submission.
+    # Each run ran on exactly one of the workers: when both claim one, the server lets one
+    # through and aborts the other's submission. Which worker takes which is the server's
+    # and the workers' timing: on a loaded machine one worker was seen to run all three
+    # (two at once, its limit, then the third), so no share is asserted.
     ran = [
         [i for i in concurrent.flow_run_ids if f"/runs/flow-run/{i}" in log]
         for log in concurrent.worker_logs
     ]
-    assert all(1 <= len(ids) <= 2 for ids in ran), ran
-    assert sorted(ran[0] + ran[1]) == sorted(concurrent.flow_run_ids)
+    assert sorted(ran[0] + ran[1]) == sorted(concurrent.flow_run_ids), ran
     # Nothing went to SQLite: the rows are in the cluster's two databases.
     assert not (pg.workdir / "server" / "prefect.db").exists()
     assert not (pg.workdir / "mlflow.db").exists()
@@ -360,13 +361,22 @@ def killed(stack: Stack, concurrent: Concurrent) -> Killed:
         flow_run_id = launch(stack, stack.root / "run-killed")
         doomed.wait_for(pause_marker("sweep", size=PAUSED_SIZE, epoch=1), timeout=900)
         # The other sweep task runs beside the paused one: let it finish, so that the kill
-        # lands with some tasks done (the grid, that size) and one in flight.
+        # lands with some tasks done (the grid, that size) and one in flight. Done means its
+        # task run Completed on the server too: its MLflow run ends inside the task, and its
+        # cache record is written after, before Prefect's Completed (a kill between the two
+        # was seen once, on a loaded machine, and the retry rightly trained it again).
         other = f"sweep size={SMOKE.sweep.sizes[0]}"
+        body = {
+            "flow_runs": {"id": {"any_": [flow_run_id]}},
+            "task_runs": {"name": {"any_": [other]}},
+        }
         deadline = time.monotonic() + 300
         while True:
             (parent,) = parents_of(client, flow_run_id)
             runs = nested_runs(client, parent.info.run_id)
-            if other in runs and runs[other].info.status == "FINISHED":
+            task_runs = stack.api("/task_runs/filter", body)
+            completed = [run for run in task_runs if run["state"]["type"] == "COMPLETED"]
+            if other in runs and runs[other].info.status == "FINISHED" and completed:
                 break
             assert time.monotonic() < deadline, f"{other} did not finish: {sorted(runs)}"
             time.sleep(1)
