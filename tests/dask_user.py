@@ -156,10 +156,10 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def _stage_interpreter(folder: Path) -> tuple[Path, dict[str, str]]:
-    """The test's base interpreter (its binary, shared library and standard library, not
-    its own site-packages or test suite) under ``folder``, and a venv-like folder beside it
-    whose site-packages is the test venv's: returns that venv's python and the variables
-    that make the loader take the staged libpython."""
+    """The test's base interpreter (its binary, shared library and standard library with
+    its compiled modules; not its own site-packages or test suite) under ``folder``, and a
+    venv-like folder beside it whose site-packages is the test venv's: returns that venv's
+    python and the variables that make the loader take the staged libpython."""
     base, purelib = Path(sys.base_prefix), Path(sysconfig.get_paths()["purelib"])
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     prefix, venv = folder / "python", folder / "venv"
@@ -174,7 +174,7 @@ def _stage_interpreter(folder: Path) -> tuple[Path, dict[str, str]]:
     shutil.copytree(
         stdlib,
         prefix / "lib" / version,
-        ignore=shutil.ignore_patterns("site-packages", "test", "__pycache__"),
+        ignore=shutil.ignore_patterns("site-packages", "test"),
         copy_function=_link_or_copy,
         symlinks=True,
     )
