@@ -59,8 +59,14 @@ def check_workers_see_workdir(address: str, tls: DaskTLS | None, workdir: Path) 
     try:
         # Without TLS files of ours, Dask's client takes its config's, as the task runner does.
         kwargs = {"security": tls.security()} if tls is not None else {}
-        with Client(address, timeout=TIMEOUT, **kwargs) as client:
-            answers = client.run(_answer_probe, str(probe), token, wait=True)
+        try:
+            with Client(address, timeout=TIMEOUT, **kwargs) as client:
+                answers = client.run(_answer_probe, str(probe), token, wait=True)
+        except (OSError, TimeoutError) as exc:  # the scheduler answered a moment ago
+            raise StackError(
+                f"the Dask cluster at {address} did not let this run ask its workers about "
+                f"the work dir ({type(exc).__name__}: {exc}): check the scheduler's log"
+            ) from None
         problems = {worker: problem for worker, problem in answers.items() if problem}
         for worker in set(answers) - set(problems):
             reply = Path(reply_path(str(probe), worker))
