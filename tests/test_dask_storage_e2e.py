@@ -209,11 +209,11 @@ def study_servers(root: Path) -> Iterator[dict[str, str]]:
     """`aemnist server` (Prefect and MLflow, loopback, free ports) in ``root``: the variables
     that point a run and the Dask workers at it. The workers reach both over HTTP (MLflow's
     artifacts through its proxy), never the servers' work dir."""
-    env = cli_env(root / "home")
+    env = cli_env(root / "server-home")
     log = root / "server.log"
     with log.open("wb") as sink:
         server = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "server", "--workdir", str(root / "work"),
+            [sys.executable, "-m", "flows.cli", "server", "--workdir", str(root / "server-work"),
              "--prefect-port", "0", "--mlflow-port", "0"],
             cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
             start_new_session=True,
