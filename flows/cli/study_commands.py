@@ -326,6 +326,12 @@ def _run_study(
     # One run at a time in a work dir: a second stops here (if not before), naming the first's
     # process id.
     hold_workdir(workdir)
+    if args.task_runner == "dask" and args.dask_address:
+        # The workers read and write the tables in the work dir: one that does not share it
+        # is named now, before any work, not by a stage's failure in its own log.
+        from deployments.dask_workers import check_workers_see_workdir
+
+        check_workers_see_workdir(args.dask_address, dask_security, workdir)
     # Opens (creates, migrates) the MLflow store now, while the server starts; or fails
     # fast when a tracking server does not answer.
     experiment_id = open_store(resolve_tracking_uri(workdir), workdir)
