@@ -86,6 +86,6 @@ def check_workers_see_workdir(address: str, tls: DaskTLS | None, workdir: Path) 
             f"not share the work dir {workdir} ({listed}): every task reads and writes its "
             f"tables there; give --workdir a folder on a file system every worker mounts at "
             f"the same path, with the same user, or --storage URL (an object store they all "
-            f"reach)"
+            f"reach) with MLFLOW_TRACKING_URI set to a tracking server they reach"
         )
     return len(answers)

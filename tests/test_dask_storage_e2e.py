@@ -4,7 +4,8 @@ flow's work dir, each worker in folders of its own; the study reaches them only 
 servers and an object store (``--storage s3://...``).
 
 The cluster (tests/dask_user.py) is proven by a cheap test that runs a plain Dask job on
-it; the study's test waits for ``--storage``."""
+it; the study runs on it with its tables in moto's S3 server (tests/s3_server.py) and its
+MLflow artifacts there too, through `aemnist server --artifacts`."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from cli_helpers import (
     smoke_run,
 )
 from dask_user import NOBODY, WORKERS, OtherUserCluster, other_user_cluster, run_on
+from s3_server import S3Server
 
 from deployments.dask_workers import PROBE_PREFIX, check_workers_see_workdir
 
@@ -205,16 +207,17 @@ def test_workers_that_share_the_work_dir_pass_the_check_and_leave_no_probe(
 
 
 @contextmanager
-def study_servers(root: Path) -> Iterator[dict[str, str]]:
-    """`aemnist server` (Prefect and MLflow, loopback, free ports) in ``root``: the variables
-    that point a run and the Dask workers at it. The workers reach both over HTTP (MLflow's
+def study_servers(root: Path, aws: dict[str, str], artifacts: str) -> Iterator[dict[str, str]]:
+    """`aemnist server` (Prefect and MLflow, loopback, free ports) in ``root``, its MLflow
+    artifacts at ``artifacts`` (an object store, ``aws`` its environment): the variables that
+    point a run and the Dask workers at it. The workers reach both over HTTP (MLflow's
     artifacts through its proxy), never the servers' work dir."""
-    env = cli_env(root / "server-home")
+    env = cli_env(root / "server-home", aws)
     log = root / "server.log"
     with log.open("wb") as sink:
         server = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "server", "--workdir", str(root / "server-work"),
-             "--prefect-port", "0", "--mlflow-port", "0"],
+             "--prefect-port", "0", "--mlflow-port", "0", "--artifacts", artifacts],
             cwd=REPO_ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
@@ -236,21 +239,17 @@ def study_servers(root: Path) -> Iterator[dict[str, str]]:
 STAGE_FILES = ("*.parquet", "*.sha256", "*.pt", "*.png", "*.md", "*.json")
 
 
-@pytest.mark.skip(reason="needs --storage (issue 16 point 1, being built in main) and the "
-                  "s3_server fixture (tests/s3_server.py, another branch)")  # fmt: skip
 def test_dask_workers_without_the_work_dir_run_the_smoke_study_from_s3(
-    tmp_path: Path, mnist_mirror: Path, s3_server: Any, smoke_workdir: tuple[Path, Any]
+    tmp_path: Path, mnist_mirror: Path, s3_server: S3Server, smoke_workdir: tuple[Path, Any]
 ) -> None:
-    # ASSUMED until the fixture lands: ``s3_server.env`` holds AWS_ACCESS_KEY_ID,
-    # AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL (and AWS_DEFAULT_REGION), and
-    # ``s3_server.bucket(name)`` creates a bucket and returns ``s3://name``.
     from distributed import Client
     from mlflow import MlflowClient
 
-    store = f"{s3_server.bucket('aemnist-dask')}/study"
+    bucket = s3_server.make_bucket("aemnist-dask")
+    store, artifacts = f"{bucket}/study", f"{bucket}/mlflow"
     workdir = tmp_path / "work"
     with (
-        study_servers(tmp_path) as servers,
+        study_servers(tmp_path, s3_server.env, artifacts) as servers,
         other_user_cluster({**servers, **s3_server.env}) as cluster,
     ):
         # The workers are the other user and cannot read the flow's work dir (made now as
@@ -306,3 +305,13 @@ def test_dask_workers_without_the_work_dir_run_the_smoke_study_from_s3(
         for folder in (workdir, *(f.root for f in cluster.folders.values())):
             left = [p for pattern in STAGE_FILES for p in folder.rglob(pattern)]
             assert not [p for p in left if p.name != "study_config.json"], left
+        # The runs' MLflow artifacts went through the server's proxy to its destination in
+        # the bucket (`aemnist server --artifacts`): the report the study logged, say.
+        logged = s3.find(artifacts.removeprefix("s3://"))
+        prefix = f"{artifacts.removeprefix('s3://')}/{parent.info.experiment_id}/"
+        assert any(
+            key.startswith(prefix) and key.endswith("/artifacts/report.md") for key in logged
+        ), logged[:20]
+        assert client.get_experiment(parent.info.experiment_id).artifact_location.startswith(
+            "mlflow-artifacts:"
+        )

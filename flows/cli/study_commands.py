@@ -326,9 +326,14 @@ def _run_study(
     # One run at a time in a work dir: a second stops here (if not before), naming the first's
     # process id.
     hold_workdir(workdir)
-    if args.task_runner == "dask" and args.dask_address:
-        # The workers read and write the tables in the work dir: one that does not share it
-        # is named now, before any work, not by a stage's failure in its own log.
+    tracked_over_http = resolve_tracking_uri(workdir).startswith(("http://", "https://"))
+    if args.task_runner == "dask" and args.dask_address and not (
+        config.runtime.storage and tracked_over_http
+    ):
+        # The workers read and write the tables in the work dir (and log to its MLflow store
+        # without a tracking server): one that does not share it is named now, before any
+        # work, not by a stage's failure in its own log. With the tables in an object store
+        # and MLflow on a server, the workers need nothing of the work dir.
         from deployments.dask_workers import check_workers_see_workdir
 
         check_workers_see_workdir(args.dask_address, dask_security, workdir)
