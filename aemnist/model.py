@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from aemnist.schemas import atomic_write_bytes
+from aemnist.storage import as_path
 
 # Seeding the global RNG and building the model must not interleave between threads that
 # build models at the same time, or two tasks could swap initial weights.
@@ -115,9 +116,10 @@ def save_checkpoint(model: Autoencoder, path: Path) -> None:
     atomic_write_bytes(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_checkpoint(path: Path) -> Autoencoder:
+def load_checkpoint(path: Path | str) -> Autoencoder:
     # From bytes: a checkpoint in an object store is no local file (aemnist.storage).
-    payload = torch.load(io.BytesIO(path.read_bytes()), weights_only=True, map_location="cpu")
+    raw = as_path(path).read_bytes()
+    payload = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     model = Autoencoder(int(payload["size"]))
     model.load_state_dict(payload["state_dict"])
     model.eval()

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from aemnist.datasets import dataset_spec, has_reference  # noqa: E402
 from aemnist.reference import SEED_FINAL_SIZE, SEED_FINAL_TEST_MSE, SEED_TABLE2  # noqa: E402
 from aemnist.schemas import atomic_write_bytes  # noqa: E402
+from aemnist.storage import as_path  # noqa: E402
 from aemnist.summaries import score_column  # noqa: E402
 
 DPI = 120
@@ -79,7 +80,7 @@ def _positive(values: pd.Series, log: bool) -> np.ndarray:
 
 
 def _save(fig: Figure, out: Path) -> Path:
-    out = Path(out)
+    out = as_path(out)
     atomic_write_bytes(out, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
     return out
 

@@ -68,7 +68,8 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
             fault,
         )
     ensure_writable(layout.root)
-    if layout.study_dir != layout.root:  # another dataset's folder in the work dir
+    # Another dataset's folder in the work dir (a store was checked before any task).
+    if layout.study_dir != layout.root and not layout.remote:
         ensure_writable(layout.study_dir)
     save_config(config, layout.config)
     uri = resolve_tracking_uri(layout.root)
@@ -79,6 +80,8 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
         "workdir": str(layout.root),
         **prefect_tags(),
     }
+    if layout.storage:  # where its tables lie (no credentials: the config refuses them)
+        tags["storage"] = layout.storage
     if fault:
         tags[FAULT_TAG] = fault[:5000]
     ctx = start_study(
