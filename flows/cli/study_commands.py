@@ -327,8 +327,10 @@ def _run_study(
     # process id.
     hold_workdir(workdir)
     tracked_over_http = resolve_tracking_uri(workdir).startswith(("http://", "https://"))
-    if args.task_runner == "dask" and args.dask_address and not (
-        config.runtime.storage and tracked_over_http
+    if (
+        args.task_runner == "dask"
+        and args.dask_address
+        and not (config.runtime.storage and tracked_over_http)
     ):
         # The workers read and write the tables in the work dir (and log to its MLflow store
         # without a tracking server): one that does not share it is named now, before any
