@@ -25,9 +25,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from upath import UPath
 
-# A local path or an fsspec one: what every table, record, checkpoint and figure path is.
-StoragePath = Path  # UPath subclasses pathlib.Path's API; the alias names the intent
-
 
 class StorageError(RuntimeError):
     """The storage URL cannot be used (unknown protocol, no credentials, no bucket, no

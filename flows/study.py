@@ -180,16 +180,22 @@ def collect(ctx: Any, wave: dict[str, dict[str, PrefectFuture]]) -> dict[str, li
     for stage, futures in wave.items():
         _await_stage(stage, futures)
     failures = []
+    causes = []
     for stage, futures in wave.items():
         failed = [label for label, future in futures.items() if not future.state.is_completed()]
         if failed:
             failures.append(
                 f"{stage}: {len(failed)} of {len(futures)} tasks failed: {', '.join(failed)}"
             )
+            # The cause, in the terminal too: on a Dask worker it is otherwise only in that
+            # worker's log and the Prefect UI.
+            message = (futures[failed[0]].state.message or "").splitlines()
+            if message:
+                causes.append(f"{failed[0]}: {message[0]}")
     if failures:
         raise StageFailed(
-            f"{'; '.join(failures)}; the others completed and are kept: fix the cause and run "
-            f"the study again to re-run only these"
+            f"{'; '.join(failures)} ({'; '.join(causes) or 'see the log above'}); what completed "
+            f"is kept: fix the cause and run the study again to re-run only what failed"
         )
     results: dict[str, list[Any]] = {}
     for stage, futures in wave.items():

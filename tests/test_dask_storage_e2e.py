@@ -174,8 +174,8 @@ def assert_refused_before_any_work(
 def test_a_run_on_workers_that_cannot_read_the_work_dir_stops_before_any_work(
     tmp_path: Path, mnist_mirror: Path, plain_cluster: OtherUserCluster
 ) -> None:
-    # Without the check, the download task fails with a PermissionError that only the
-    # worker's log and the Prefect UI show; the run says "download: 1 of 1 tasks failed".
+    # Without the check, the download task fails on a worker with a PermissionError, after
+    # the servers started and the flow run began.
     workdir = tmp_path / "work"
     assert_refused_before_any_work(tmp_path, mnist_mirror, plain_cluster, workdir,
                                    "PermissionError")  # fmt: skip

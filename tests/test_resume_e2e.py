@@ -170,6 +170,9 @@ def test_failed_fold_fails_the_flow_and_the_rerun_trains_only_it(
     )
     assert result.returncode == 1
     assert f"grid: 1 of 6 tasks failed: {failing}" in result.stderr
+    # The line names the cause too (on a Dask worker it is otherwise in that worker's log).
+    (last,) = [line for line in result.stderr.splitlines() if line.startswith("aemnist: error:")]
+    assert f"({failing}: " in last and "AEMNIST_FAULT" in last, last
 
     client = MlflowClient(embedded_tracking_uri(workdir))
     experiment = client.get_experiment_by_name(EXPERIMENT)
