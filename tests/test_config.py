@@ -325,3 +325,24 @@ def test_the_cli_prints_the_json_schema_and_a_resolved_profile(tmp_path: Path) -
     refused = run_cli(["config", "--config", str(bad)], home=tmp_path / "home")
     assert refused.returncode == 2
     assert refused.stderr.strip() == "aemnist: error: grid.folds: must be 2 or more, got 1"
+
+
+def test_storage_is_an_object_store_url_without_credentials_and_leaves_the_hash_alone() -> None:
+    smoke = load_config("smoke")
+    stored = smoke.with_overrides({"runtime": {"storage": "s3://bucket/team/smoke"}})
+    assert stored.runtime.storage == "s3://bucket/team/smoke"
+    # Where the files lie is not what the study computes: the same hash, as for the work dir.
+    assert stored.config_hash() == smoke.config_hash()
+    for bad, message in [
+        (
+            "/data/runs",
+            "must be an object store's URL such as s3://bucket/prefix, got '/data/runs'",
+        ),
+        ("file:///data/runs", "must be an object store's URL"),
+        ("s3://", "must be an object store's URL"),
+        ("s3://AKIA:hunter2@bucket/x", "must not hold credentials"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            smoke.with_overrides({"runtime": {"storage": bad}})
+        assert str(caught.value).startswith(f"runtime.storage: {message}"), str(caught.value)
+        assert "hunter2" not in str(caught.value)
