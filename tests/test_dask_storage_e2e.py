@@ -502,3 +502,19 @@ def test_a_damaged_object_is_recomputed_and_refresh_recomputes_only_what_follows
         "download", "grid lr=0.01 wd=1e-05 fold=0", "corruption", "report"
     }  # fmt: skip
     assert s3.read(BUCKET, key) == good
+
+
+def test_the_report_command_rebuilds_the_stored_report_from_the_bucket(
+    on_workers: OnWorkers,
+) -> None:
+    report = on_workers.s3.read(BUCKET, "study/report.md")
+    on_workers.s3.client.delete_object(Bucket=BUCKET, Key="study/report.md")
+    result = run_cli(
+        ["report", "--workdir", str(on_workers.workdir), "--storage", STORE],
+        home=on_workers.home,
+        env=on_workers.s3.env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == f"Report: {STORE}/report.md"
+    # The same tables, the recorded run and date: the same report, byte for byte.
+    assert on_workers.s3.read(BUCKET, "study/report.md") == report
