@@ -74,6 +74,7 @@ class Study:
     workdir: Path
     tracking: str  # where its MLflow runs are
     stdout: str
+    released: int  # when the test let go of the slot it held (ms since the epoch)
 
     def flow_run_id(self) -> str:
         match = re.search(r"/runs/flow-run/([0-9a-f-]{36})\n", self.stdout)
@@ -87,9 +88,9 @@ def run_together(
     mirror: Path,
     home: Path,
     holding: AbstractContextManager[object],
-) -> dict[str, str]:
+) -> tuple[dict[str, str], int]:
     """Start a smoke study per entry of ``runs`` (name: work dir, extra environment) at once
-    with ``config``; wait for all; their outputs by name.
+    with ``config``; wait for all; their outputs by name, and when the slot was let go (ms).
 
     The test holds the machine's one training slot (``holding``) until every study has
     written its folds table, the last table before training: then all of them wait for the
@@ -119,6 +120,7 @@ def run_together(
                     assert process.poll() is None, f"{name}:\n{errors[name].read_text()[-3000:]}"
                 assert time.monotonic() < deadline, "no folds table within 600 s"
                 time.sleep(0.1)
+            released = time.time_ns() // 1_000_000
         for name, process in processes.items():
             process.wait(timeout=900)
             output = logs[name].read_text()
@@ -131,7 +133,7 @@ def run_together(
             if process.poll() is None:
                 process.terminate()
                 process.wait(timeout=60)
-    return outputs
+    return outputs, released
 
 
 @pytest.fixture(scope="module")
@@ -150,21 +152,21 @@ def two_studies(server: Server, mnist_mirror: Path) -> tuple[Study, Study]:
     }
     # The machine's limit, made before the studies would make it, so the test can hold it.
     server.post("/v2/concurrency_limits/", {"name": SLOTS, "limit": 1})
-    outputs = run_together(runs, config, mnist_mirror, home, holding_every_slot(server))
+    outputs, released = run_together(runs, config, mnist_mirror, home, holding_every_slot(server))
     return (
-        Study(server.workdir, server.mlflow_uri, outputs["served"]),
-        Study(own, embedded_tracking_uri(own), outputs["own"]),
+        Study(server.workdir, server.mlflow_uri, outputs["served"], released),
+        Study(own, embedded_tracking_uri(own), outputs["own"], released),
     )
 
 
-def assert_never_overlapped(spans: dict[str, list[tuple[int, int, str]]]) -> None:
-    """Two studies' training runs (6 each) ran during the same minutes, yet no two of them
-    at once: one slot between them."""
+def assert_never_overlapped(spans: dict[str, list[tuple[int, int, str]]], released: int) -> None:
+    """Two studies' training runs (6 each), all waiting for the one slot at once, yet no two
+    of them at once: one slot between them."""
     assert all(len(found) == 6 for found in spans.values()), spans
-    # The two studies trained during the same minutes: without the limit, their tasks
-    # would have overlapped ...
-    (first_a, *_, last_a), (first_b, *_, last_b) = (sorted(s) for s in spans.values())
-    assert max(first_a[0], first_b[0]) < min(last_a[1], last_b[1]), spans
+    # Both studies were ready to train when the test let the slot go, and neither trained
+    # before: without the limit their first tasks would have run at once ... (Which study
+    # then trains when is the slot's polling: one was seen to train all its tasks first.)
+    assert all(min(found)[0] >= released for found in spans.values()), (released, spans)
     # ... with one slot on this machine, no two training runs did, across both studies.
     every = sorted(span for found in spans.values() for span in found)
     overlaps = [(a[2], b[2]) for a, b in pairwise(every) if b[0] < a[1]]
@@ -196,7 +198,8 @@ def test_two_studies_on_one_server_never_train_more_models_at_once_than_its_slot
     for flow_run_id in flow_run_ids:
         assert server.get(f"/flow_runs/{flow_run_id}")["state_type"] == "COMPLETED"
 
-    assert_never_overlapped({study.workdir.name: training_spans(study) for study in two_studies})
+    spans = {study.workdir.name: training_spans(study) for study in two_studies}
+    assert_never_overlapped(spans, served.released)
 
     limit = server.get(f"/v2/concurrency_limits/{SLOTS}")
     assert (limit["limit"], limit["active_slots"]) == (1, 0)
@@ -216,12 +219,14 @@ def test_two_studies_on_temporary_servers_of_their_own_share_the_machines_slot_f
     runs = {name: (root / name, extra) for name in ("first", "second")}
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # the test holds the same slot file
     held = machine_slot(MachineSlots("aemnist-cpu", 1))
-    outputs = run_together(runs, config, mnist_mirror, root / "home", held)
+    outputs, released = run_together(runs, config, mnist_mirror, root / "home", held)
 
-    studies = [Study(root / n, embedded_tracking_uri(root / n), outputs[n]) for n in runs]
+    studies = [Study(root / n, embedded_tracking_uri(root / n), outputs[n], released) for n in runs]
     for study in studies:
         assert "Running on the Prefect server" not in study.stdout  # a temporary one
-    assert_never_overlapped({study.workdir.name: training_spans(study) for study in studies})
+    assert_never_overlapped(
+        {study.workdir.name: training_spans(study) for study in studies}, released
+    )
     assert sorted(p.name for p in (runtime / f"aemnist-slots-{os.getuid()}").iterdir()) == [
         "aemnist-cpu-0.lock"
     ]
