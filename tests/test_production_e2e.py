@@ -148,6 +148,19 @@ class Stack:
             time.sleep(2)
         raise AssertionError(f"flow run {flow_run_id} not finished in {timeout:g} s")
 
+    def wait_for_log(self, flow_run_id: str, text: str, timeout: float = 60) -> list[str]:
+        """The flow run's log messages once one contains `text`. The run's process ships its
+        logs in batches, so its last lines can reach the server after its final state."""
+        body = {"logs": {"flow_run_id": {"any_": [flow_run_id]}}}
+        deadline = time.monotonic() + timeout
+        while True:
+            messages = [log["message"] for log in self.api("/logs/filter", body)]
+            if any(text in message for message in messages):
+                return messages
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line with {text!r} in {timeout:g} s: {messages[-5:]}")
+            time.sleep(1)
+
     def all_artifacts(self, flow_run_id: str) -> list[dict]:
         """Every Prefect artifact of a flow run (of each of its attempts)."""
         body = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
@@ -985,14 +998,12 @@ def test_a_deployment_run_honours_runtime_workers_and_gives_the_cli_runs_tables(
                 break
             except WorkdirLocked:
                 time.sleep(0.1)
+        else:
+            raise AssertionError(f"the finished run kept {deployed_dir}'s lock for 30 s")
         with held:
             second = stack.run_deployment("study/smoke", deployed_dir)
             assert stack.wait_for_flow_run(second) == "FAILED"
-        logs = stack.api("/logs/filter", {"logs": {"flow_run_id": {"any_": [second]}}})
-        assert any(
-            f"work dir {deployed_dir} is in use by process {os.getpid()}" in log["message"]
-            for log in logs
-        ), [log["message"] for log in logs][-5:]
+        stack.wait_for_log(second, f"work dir {deployed_dir} is in use by process {os.getpid()}")
         tasks = stack.api("/task_runs/filter", {"flow_runs": {"id": {"any_": [second]}}})
         assert tasks == []
 
