@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -14,6 +16,31 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it (``platform.processor()`` is often empty
+    on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_tags(device: str) -> dict[str, str]:
+    """The machine a study opened on, for its parent run: a wall time or a loss read later
+    means little without the CPU, GPU and library versions it came from."""
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    gpu = torch.cuda.get_device_name(0) if on_gpu else "none"
+    return {
+        "machine.cpu": f"{cpu_model()} ({platform.machine()}), {cpu_count()} cores",
+        "machine.gpu": gpu,
+        "machine.torch": torch.__version__,
+        "machine.python": platform.python_version(),
+    }
 
 
 def resolve_device(requested: str) -> str:

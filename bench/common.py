@@ -23,6 +23,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/NAME.py` from a check
     sys.path.insert(0, str(REPO_ROOT))
 
 from aemnist.data import MIRROR_ENV, ImageSet, download_mnist, load_images  # noqa: E402
+from aemnist.runtime import cpu_model  # noqa: E402
 
 # The laboratory's settings (design.md): encoding size 20, batch 256, Adam.
 SIZE = 20
@@ -103,18 +104,6 @@ def laboratory_epochs(
         if epoch_seconds is not None:
             epoch_seconds.append(time.perf_counter() - started - sum(epoch_seconds))
     return time.perf_counter() - started, losses
-
-
-def cpu_model() -> str:
-    """The CPU's model name as the kernel reports it (``platform.processor()`` is often empty
-    on Linux)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: str | None = None) -> str:

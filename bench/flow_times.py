@@ -4,7 +4,9 @@ summed time, and the flow's time outside its tasks (its orchestration overhead).
 
     python bench/flow_times.py PREFECT_DB [--flow-run ID]   (default: the newest flow run)
 
-For a run on a lent GPU, bench/gpu_session.sh brings the database back ($OUT/prefect.db).
+For a run on a lent GPU, bench/gpu_session.sh brings the database back ($OUT/prefect.db),
+with machine.txt beside it: what the study ran on, which this script prints first (not the
+machine it reads the database on).
 """
 
 from __future__ import annotations
@@ -13,8 +15,7 @@ import argparse
 import sqlite3
 from contextlib import closing
 from datetime import datetime
-
-from common import machine
+from pathlib import Path
 
 # The task functions (tasks/) of each stage, in flow order: a task run's key is the
 # function's name, a dash and a hash.
@@ -56,7 +57,9 @@ def main() -> None:
             "WHERE flow_run_id = ? AND start_time IS NOT NULL AND end_time IS NOT NULL",
             (flow_id,),
         ).fetchall()
-    print(machine())
+    beside = Path(args.database).with_name("machine.txt")
+    ran_on = beside.read_text().strip() if beside.is_file() else f"not recorded ({beside})"
+    print(f"ran on: {ran_on}")
     wall = (_time(end) - _time(start)).total_seconds()
     print(f"flow run {name!r} ({state}): {wall:.1f} s")
     spans = []

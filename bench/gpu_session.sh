@@ -1,16 +1,19 @@
 #!/bin/sh
 # The paper study through the product on a lent GPU machine (issue 14 point 3), prepared
-# here and run there in two calls of the device tool, which carries at most 64 MiB a call
-# (tree included) while the offline bundle for Python 3.12 is 68 MB. The GPU machine has
-# Python 3.12, torch with CUDA, numpy, pandas, pyarrow, scikit-learn and matplotlib, and no
-# Prefect, MLflow or network.
+# here and run there in a few calls of the device tool, which carries at most 64 MiB a call
+# (tree included) while the offline bundle for Python 3.12 is 119 MB with pyarrow. The GPU
+# machine has Python 3.12, torch 2.11 with CUDA, numpy, pandas, pyarrow, scikit-learn and
+# matplotlib, and no Prefect, MLflow or network. Its pyarrow may be newer than MLflow 3.17.2
+# allows (<26; pyarrow 26 came out in November 2026, a month after it), so the bundle carries
+# pyarrow 25.0.1, which pip installs only if the machine's does not fit (its wheels need
+# glibc 2.28, which Ubuntu 24.04's 2.39 is).
 #
 # Here (the carried files go under .gl/, which git ignores):
-#   aemnist bundle --python 3.12 --out .gl/bundle
-#   sh bench/gpu_session.sh split .gl/bundle .gl        # .gl/part1, .gl/part2 (< 40 MB each)
-# There (carry .gl/part1, then .gl/part2, on one warm machine):
-#   sh bench/gpu_session.sh stage .gl/part1
-#   sh bench/gpu_session.sh run .gl/part2               # installs, runs, exports to $OUT
+#   aemnist bundle --python 3.12 --platform manylinux_2_28_x86_64 --include pyarrow --out .gl/bundle
+#   sh bench/gpu_session.sh split .gl/bundle .gl        # .gl/part1 .. partN, each < PART_MB
+# There (carry each part in its own call, on one warm machine; split prints the calls):
+#   sh bench/gpu_session.sh stage .gl/part1             # every part but the last
+#   sh bench/gpu_session.sh run .gl/partN               # installs, runs, exports to $OUT
 #   sh bench/gpu_session.sh finish                      # only if `run` said the study runs on
 #
 # `run` reads: PROFILE (paper), DEVICE (cuda), CONFIG (bench/gpu_session.toml: the grid with
@@ -24,18 +27,33 @@ stage_dir=/tmp/aemnist-wheels
 venv=/tmp/aemnist-venv
 workdir=/tmp/aemnist-paper
 
-split() {  # BUNDLE DEST: the bundle's files in two parts, the larger wheels spread over both
+split() {  # BUNDLE DEST: the bundle's files and MNIST in as few parts as fit PART_MB (56)
     bundle=$1; dest=$2
-    rm -rf "$dest/part1" "$dest/part2"; mkdir -p "$dest/part1" "$dest/part2"
     mnist=${AEMNIST_MNIST_MIRROR:-../shared/data/mnist}
+    limit=$(( ${PART_MB:-56} * 1000000 ))  # the call's 64 MiB less the tree (1.7 MB)
+    total=$(cat "$bundle"/* "$mnist"/*-ubyte.gz | wc -c)
+    parts=$(( (total + limit - 1) / limit ))
+    [ "$parts" -ge 2 ] || parts=2
+    rm -rf "$dest"/part[0-9]*
+    i=1; while [ "$i" -le "$parts" ]; do mkdir -p "$dest/part$i"; i=$((i + 1)); done
     mkdir -p "$dest/part1/mnist" && cp "$mnist"/*-ubyte.gz "$dest/part1/mnist/"
-    one=0; two=0
+    # The largest files first, each into the part that holds least so far.
     for file in $(ls -S "$bundle"); do
-        size=$(stat -c %s "$bundle/$file")
-        if [ "$one" -le "$two" ]; then cp "$bundle/$file" "$dest/part1/"; one=$((one + size))
-        else cp "$bundle/$file" "$dest/part2/"; two=$((two + size)); fi
+        lightest=1; least=-1; i=1
+        while [ "$i" -le "$parts" ]; do
+            held=$(du -sb "$dest/part$i" | cut -f1)
+            if [ "$least" -lt 0 ] || [ "$held" -lt "$least" ]; then lightest=$i; least=$held; fi
+            i=$((i + 1))
+        done
+        cp "$bundle/$file" "$dest/part$lightest/"
     done
-    echo "part1: $(du -sh "$dest/part1" | cut -f1) (with MNIST), part2: $(du -sh "$dest/part2" | cut -f1)"
+    i=1; while [ "$i" -le "$parts" ]; do
+        held=$(du -sb "$dest/part$i" | cut -f1)
+        [ "$held" -le "$limit" ] || { echo "part$i: $held bytes, over PART_MB"; exit 1; }
+        verb=stage; [ "$i" -lt "$parts" ] || verb=run
+        echo "part$i: $((held / 1000000)) MB: sh bench/gpu_session.sh $verb $dest/part$i"
+        i=$((i + 1))
+    done
 }
 
 stage() {  # PART: keep the first part's files on the machine until the second comes
@@ -92,6 +110,9 @@ finish() {  # wait for the study (up to WAIT s, default 500), then bring everyth
     fi
     [ "$(cat "$run_dir/exit")" = 0 ] || { tail -40 "$run_dir/run.log"; exit 1; }
     python=$(cat "$run_dir/python")
+    # What the study ran on, for bench/flow_times.py (the study's parent run has it too).
+    PYTHONPATH=$PWD/bench "$python" -c "from common import machine; print(machine('${DEVICE:-cuda}'))" \
+        > "$OUT/machine.txt" 2>&1 || true
     # SQLite's backup: what is still in the write-ahead log comes too (a copy would lose it).
     "$python" -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
         /tmp/aemnist-prefect/prefect.db "$OUT/prefect.db"

@@ -17,6 +17,12 @@ runs on, not for ``--python-version``, so the bundle is then walked again with t
 markers: what the target needs and the resolution left out is downloaded (another round of
 ``pip download``, pinned to what is already there) and what it does not need is removed.
 
+A node's own copy of a preinstalled package can lie outside what the bundled packages ask
+(pyarrow 26 beside MLflow 3.17.2, which asks for pyarrow<26). ``install.sh`` checks every one
+against those ranges before pip runs, and ``--include NAME`` carries a wheel of that package
+at the version this project is tested with, which pip installs only where the node's own
+does not fit (into a virtual environment over the node's, beside it).
+
 Every problem (a Python version or platform in an unknown format, an output folder that
 cannot be written, pip finding no wheel for the platform) raises ``StackError`` with one line.
 """
@@ -35,7 +41,7 @@ import sys
 import tempfile
 import tomllib
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +132,8 @@ class Bundle:
     wheels: list[str]
     # name -> (the version resolved against, what the bundled packages ask of it)
     expected: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # preinstalled packages whose wheel the bundle carries all the same: name -> version
+    carried: dict[str, str] = field(default_factory=dict)
 
     @property
     def files(self) -> list[Path]:
@@ -167,9 +175,12 @@ def build_bundle(
     platform: str = DEFAULT_PLATFORM,
     with_dask: bool = False,
     log: Callable[[str], None] = print,
+    include: Sequence[str] = (),
 ) -> Bundle:
-    """Write the bundle for ``python`` on ``platform`` into ``out``; see the module's doc."""
+    """Write the bundle for ``python`` on ``platform`` into ``out``, with wheels of the
+    preinstalled packages named in ``include`` too; see the module's doc."""
     target = parse_target(python, platform)
+    included = _check_include(include)
     out = _check_out(out)
     extras = ["dask"] if with_dask else []
     with tempfile.TemporaryDirectory(prefix="aemnist-bundle-") as tmp_name:
@@ -184,11 +195,16 @@ def build_bundle(
         _pip_download(target, [root], staged, stand_ins, constraints, tmp)
         shutil.copy2(own, staged / own.name)
         expected = _close_for_target(target, staged, extras, stand_ins, constraints, tmp, log)
+        carried = {name: expected[name][0] for name in included}
+        if carried:
+            pins = ", ".join(f"{name} {version}" for name, version in carried.items())
+            log(f"Adding, for a node whose own lies outside the ranges: {pins} ...")
+            _download_carried(target, carried, staged)
         _clear_earlier_bundle(out)
         for wheel in staged.glob("*.whl"):
             shutil.move(wheel, out / wheel.name)
     wheels = sorted(p.name for p in out.glob("*.whl"))
-    bundle = Bundle(out, target, wheels, expected)
+    bundle = Bundle(out, target, wheels, expected, carried)
     _write_install_script(bundle, extras)
     _write_readme(bundle, extras)
     return bundle
@@ -196,6 +212,22 @@ def build_bundle(
 
 def describe_size(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
+
+
+def _check_include(include: Sequence[str]) -> list[str]:
+    """The canonical names of ``--include``, each one of the packages a node brings."""
+    allowed = {_canonical(n): n for n in (*PREINSTALLED, *BROUGHT_ALONG)}
+    names = []
+    for name in include:
+        canonical = _canonical(name)
+        if canonical not in allowed:
+            raise StackError(
+                f"--include {name}: the bundle holds every other package already; --include "
+                f"takes one of those a node brings: {', '.join(allowed.values())}"
+            )
+        if allowed[canonical] not in names:
+            names.append(allowed[canonical])
+    return names
 
 
 # --- the output folder ----------------------------------------------------------------------
@@ -342,6 +374,16 @@ def _pip_download(
     _run_pip([*command, *requirements], what, target)
     for stub in stand_ins.glob("*.whl"):  # pip copies the stand-ins it resolved to out
         (out / stub.name).unlink(missing_ok=True)
+
+
+def _download_carried(target: Target, carried: dict[str, str], out: Path) -> None:
+    """The wheels of ``--include``, alone: their own dependencies are the node's (they came
+    with its copy), and the stand-ins' constraints would refuse the real versions."""
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--progress-bar", "off"]
+    command += [*target.pip_options(), "--no-deps", "-d", str(out)]
+    requirements = [f"{name}=={version}" for name, version in carried.items()]
+    what = f"download {', '.join(requirements)} for Python {target.version}"
+    _run_pip([*command, *requirements], what, target)
 
 
 def _run_pip(command: list[str], what: str, target: Target | None = None) -> None:
@@ -508,32 +550,67 @@ def _expectations(bundle: Bundle) -> list[str]:
 
 def _write_install_script(bundle: Bundle, extras: list[str]) -> None:
     version = bundle.target.version
-    names = ", ".join(repr(n) for n in bundle.expected)
+    asked = {name: "" if spec == "any" else spec for name, (_, spec) in bundle.expected.items()}
     expected = "".join(f'echo "  {line}"\n' for line in _expectations(bundle))
     script = f"""#!/bin/sh
 # Installs aemnist from this folder without any index: Prefect, MLflow and their dependencies
 # come from here; torch and the packages below must already be installed in the Python that
-# runs this (PYTHON=/path/to/python, default python3). Options are passed on to pip
+# runs this (PYTHON=/path/to/python, default python3), in the ranges shown, unless this folder
+# carries a wheel of one (aemnist bundle --include NAME). Options are passed on to pip
 # (e.g. --user). Python {version}, {bundle.target.platform}.
 set -eu
 here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 python=${{PYTHON:-python3}}
 echo "Installing aemnist{_extras(extras)} for Python {version} from $here (offline)."
 echo "Expected preinstalled in $python:"
-{expected}"$python" - <<'EOF'
-import importlib.metadata, sys
+{expected}"$python" - "$here" <<'EOF'
+import importlib.metadata, pathlib, re, sys
+try:
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.version import InvalidVersion, Version
+except ImportError:  # pip's own copy, where packaging is not installed
+    from pip._vendor.packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from pip._vendor.packaging.version import InvalidVersion, Version
 if sys.version_info[:2] != {bundle.target.python}:
     sys.exit(f"install.sh: this bundle is for Python {version}; {{sys.executable}} is "
              f"{{sys.version.split()[0]}} (set PYTHON to a Python {version})")
-missing = []
-for name in ({names},):
+asked = {asked!r}
+carried = {{}}  # of those, what this folder has a wheel of: name -> version
+for wheel in pathlib.Path(sys.argv[1]).glob("*.whl"):
+    name, version = wheel.name.split("-")[:2]
+    name = re.sub(r"[-_.]+", "-", name).lower()
+    if name in asked:
+        carried[name] = version
+missing, outside = [], []
+for name, spec in asked.items():
     try:
-        print(f"  found {{name}} {{importlib.metadata.version(name)}}")
+        found = importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
-        missing.append(name)
+        if name in carried:
+            print(f"  no {{name}}: this folder's {{name}} {{carried[name]}} will be installed")
+        else:
+            missing.append(name)
+        continue
+    try:
+        fits = SpecifierSet(spec).contains(Version(found), prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        fits = False
+    if fits:
+        print(f"  found {{name}} {{found}}")
+    elif name in carried:
+        print(f"  found {{name}} {{found}}, outside {{spec}}: this folder's {{name}} "
+              f"{{carried[name]}} will be installed in its place")
+    else:
+        outside.append((name, found, spec))
 if missing:
     sys.exit("install.sh: not installed in " + sys.executable + ": " + ", ".join(missing)
              + " (the bundle leaves them to the node)")
+if outside:
+    found = "; ".join(f"{{n}} {{v}} is outside {{s}}" for n, v, s in outside)
+    include = " ".join(f"--include {{n}}" for n, _, _ in outside)
+    sys.exit(f"install.sh: in {{sys.executable}}, {{found}} (what the bundle's packages "
+             f"ask): install a version in range there, or rebuild the bundle with "
+             f"`aemnist bundle --python {version} {{include}} ...` to carry one")
 EOF
 exec "$python" -m pip install --no-index --find-links "$here" "$@" "aemnist{_extras(extras)}"
 """
@@ -553,12 +630,24 @@ def _write_readme(bundle: Bundle, extras: list[str]) -> None:
         if extras
         else "The Dask task runner is not in; `aemnist bundle --with-dask` adds it."
     )
+    flags = "".join(f" --include {name}" for name in bundle.carried)
+    if bundle.carried:
+        pins = ", ".join(f"{name} {version}" for name, version in bundle.carried.items())
+        carried = (
+            f"This folder carries {pins} too (`--include`): pip installs it only where the "
+            f"node's own lies outside its range above."
+        )
+    else:
+        carried = (
+            "`install.sh` stops, naming the package, where the node's own lies outside one "
+            "of these ranges; `aemnist bundle --include NAME` carries a wheel of it."
+        )
     text = f"""{README_TITLE}
 
 aemnist{_extras(extras)} and what it needs besides what a GPU node brings, as wheels for
 CPython {target.version} on {target.platform} (x86-64, glibc 2.{target.glibc} or newer):
 {len(bundle.wheels)} wheels, {describe_size(size)}, written by
-`aemnist bundle --python {target.version} --platform {target.platform} --out DIR`.
+`aemnist bundle --python {target.version} --platform {target.platform}{flags} --out DIR`.
 {dask}
 
 ## What the node must have
@@ -568,6 +657,7 @@ against and tested with; the ranges are what its packages ask for):
 
 {expected}
 Their own dependencies (the CUDA libraries among them) come with them and are not here.
+{carried}
 
 ## Install, offline
 

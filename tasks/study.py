@@ -25,6 +25,7 @@ from aemnist.report import (
     report_figures,
     seed_comparison,
 )
+from aemnist.runtime import machine_tags
 from aemnist.schemas import TableRef, read_frame
 from aemnist.summaries import flat_table
 from aemnist.tracking import (
@@ -78,6 +79,7 @@ def open_study(config: StudyConfig, layout: Layout) -> TrackingContext:
         "config_hash": config.config_hash(),
         "seed": str(config.seed),
         "workdir": str(layout.root),
+        **machine_tags(config.runtime.device),
         **prefect_tags(),
     }
     if layout.storage:  # where its tables lie (no credentials: the config refuses them)

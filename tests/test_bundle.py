@@ -64,14 +64,17 @@ def _closure(names: tuple[str, ...]) -> list[importlib.metadata.Distribution]:
     return [importlib.metadata.distribution(name) for name in sorted(done)]
 
 
-def _make_node(root: Path) -> Path:
+def _make_node(root: Path, own: set[str]) -> Path:
     """A fresh virtual environment that sees the preinstalled packages (and pip), and
-    nothing else of this one; returns its python."""
+    nothing else of this one; returns its python. The packages named in ``own`` are left
+    for the test to install into the node's preinstalled folder."""
     node = root / "node"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(node)], check=True)
     preinstalled = root / "preinstalled"
     preinstalled.mkdir()
     for dist in _closure((*PREINSTALLED, "pip")):
+        if canonicalize_name(dist.metadata["Name"]) in own:
+            continue
         for top in {f.parts[0] for f in dist.files or []} - {"..", "__pycache__"}:
             link = preinstalled / top
             if not link.exists():
@@ -93,6 +96,19 @@ def _node_env(home: Path, python: Path) -> dict[str, str]:
     return env
 
 
+def _version_in(python: Path, name: str, cwd: Path) -> str | None:
+    """The version of ``name`` that ``python`` imports metadata for, or None."""
+    code = (
+        "import importlib.metadata as m, sys\n"
+        "try: print(m.version(sys.argv[1]))\n"
+        "except m.PackageNotFoundError: print('')"
+    )
+    out = subprocess.run(
+        [str(python), "-c", code, name], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    return out or None
+
+
 def _wheel_names(folder: Path) -> set[str]:
     return {canonicalize_name(p.name.split("-")[0]) for p in folder.glob("*.whl")}
 
@@ -100,9 +116,16 @@ def _wheel_names(folder: Path) -> set[str]:
 def test_bundle_installs_offline_on_a_node_and_runs_the_study(
     tmp_path: Path, mnist_mirror: Path
 ) -> None:
+    # The node's pyarrow is newer than MLflow allows (a GPU image's pyarrow 26 beside MLflow
+    # 3.17.2's pyarrow<26): install.sh names it, and a bundle that carries pyarrow
+    # (--include; its wheels need glibc 2.28) installs its own in its place.
     python = f"{sys.version_info[0]}.{sys.version_info[1]}"
     bundle = tmp_path / "bundle"
-    built = run_cli(["bundle", "--python", python, "--out", str(bundle)], tmp_path / "home")
+    built = run_cli(
+        ["bundle", "--python", python, "--platform", "manylinux_2_28_x86_64",
+         "--include", "pyarrow", "--out", str(bundle)],
+        tmp_path / "home",
+    )  # fmt: skip
     assert built.returncode == 0, built.stderr
     summary = re.search(
         r"(\d+) files \((\d+) wheels, install.sh, README.md\), ([\d.]+) MB", built.stdout
@@ -114,25 +137,61 @@ def test_bundle_installs_offline_on_a_node_and_runs_the_study(
         sum(p.stat().st_size for p in files) / 1e6, abs=0.06
     )
     names = _wheel_names(bundle)
-    assert {"aemnist", "prefect", "mlflow", "pydantic"} <= names
-    assert not names & {canonicalize_name(n) for n in LEFT_OUT}, names & LEFT_OUT
+    assert {"aemnist", "prefect", "mlflow", "pydantic", "pyarrow"} <= names
+    left_out = {canonicalize_name(n) for n in LEFT_OUT} - {"pyarrow"}
+    assert not names & left_out, names & left_out
     assert not [n for n in names if n.startswith(("nvidia", "cuda"))]
     readme = (bundle / "README.md").read_text()
     assert f"{summary.group(2)} wheels, " in readme and " MB" in readme
     assert all(name in readme for name in PREINSTALLED)
+    carried = importlib.metadata.version("pyarrow")
+    assert f"This folder carries pyarrow {carried} too" in readme
+    asked = re.search(r"^- pyarrow \(([^;]*<(\d+)[^;]*);", readme, re.MULTILINE)
+    assert asked, "MLflow caps pyarrow no more: test --include with another capped package"
+    allowed, cap = asked.groups()
 
-    node_python = _make_node(tmp_path)
+    node_python = _make_node(tmp_path, own={"pyarrow"})
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--only-binary=:all:",
+         "--target", str(tmp_path / "preinstalled"), f"pyarrow>={cap}"],
+        check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+    newer = _version_in(node_python, "pyarrow", tmp_path)
+    assert int(newer.split(".")[0]) >= int(cap)
     env = _node_env(tmp_path / "home", node_python)
-    installed = subprocess.run(
-        ["sh", str(bundle / "install.sh"), "--no-compile"],  # 1.5 min less here
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+
+    def install(folder: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", str(folder / "install.sh"), "--no-compile"],  # 1.5 min less here
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    without = tmp_path / "without-pyarrow"
+    without.mkdir()
+    for path in bundle.iterdir():
+        if not path.name.startswith("pyarrow-"):
+            (without / path.name).symlink_to(path)
+    refused = install(without)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        f"install.sh: in {node_python}, pyarrow {newer} is outside {allowed} (what "
+        f"the bundle's packages ask): install a version in range there, or rebuild the bundle "
+        f"with `aemnist bundle --python {python} --include pyarrow ...` to carry one"
+    ]
+    assert _version_in(node_python, "aemnist", tmp_path) is None  # pip never ran
+
+    installed = install(bundle)
     assert installed.returncode == 0, installed.stdout + installed.stderr
     assert "found torch" in installed.stdout
+    assert (
+        f"found pyarrow {newer}, outside {allowed}: this folder's pyarrow "
+        f"{carried} will be installed in its place" in installed.stdout
+    )
+    assert _version_in(node_python, "pyarrow", tmp_path) == carried
     site = node_python.parents[1] / "lib" / f"python{python}" / "site-packages"
     where = subprocess.run(
         [str(node_python), "-c", "import aemnist, mlflow, prefect, torch;"
@@ -241,3 +300,14 @@ def test_the_bundle_is_walked_with_the_target_pythons_markers(tmp_path: Path) ->
     needed, missing, _, _ = _walk(parse_target("3.13"), wheels, ["dask"], preinstalled)
     assert "backport" not in needed
     assert sorted(missing) == ["distributed", "newer"]
+
+
+def test_include_takes_only_what_a_node_brings_before_any_download(tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    with pytest.raises(StackError, match=r"--include prefect: the bundle holds every other"):
+        build_bundle("3.12", out, include=["prefect"], log=lambda line: None)
+    assert not out.exists()
+    result = run_cli(["bundle", "--python", "3.12", "--include", "dask", "--out", str(out)],
+                     tmp_path / "home")  # fmt: skip
+    assert result.returncode == 2
+    assert "argument --include: invalid choice: 'dask'" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import shutil
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from cli_helpers import (
     REPO_ROOT,
     SMOKE_FINAL_MSE_BOUND,
@@ -33,7 +35,7 @@ from mlflow import MlflowClient
 from aemnist import caching, plan
 from aemnist.config import load_config, read_saved_config
 from aemnist.layout import Layout
-from aemnist.runtime import with_resolved_device
+from aemnist.runtime import cpu_count, cpu_model, with_resolved_device
 from aemnist.schemas import file_sha256, read_frame
 from aemnist.status import study_status
 from aemnist.summaries import flat_table
@@ -87,7 +89,9 @@ def test_the_temporary_prefect_server_stops_with_the_run_having_logged_no_error(
     assert "ERROR" not in output
 
 
-def test_parent_run_holds_the_resolved_config_and_links_to_prefect(smoke_study) -> None:
+def test_parent_run_holds_the_resolved_config_the_machine_and_links_to_prefect(
+    smoke_study,
+) -> None:
     _, _, _, parents = smoke_study
     assert len(parents) == 1
     parent = parents[0]
@@ -97,6 +101,14 @@ def test_parent_run_holds_the_resolved_config_and_links_to_prefect(smoke_study) 
     assert parent.data.tags["config_hash"] == SMOKE.config_hash()
     assert re.fullmatch(r"[0-9a-f-]{36}", parent.data.tags["prefect.flow_run_id"])
     assert 0 < parent.data.metrics["final_test_mse"] < SMOKE_FINAL_MSE_BOUND
+    # Where its figures came from, as the bench scripts print it (the smoke study: the CPU).
+    machine = {k: v for k, v in parent.data.tags.items() if k.startswith("machine.")}
+    assert machine == {
+        "machine.cpu": f"{cpu_model()} ({platform.machine()}), {cpu_count()} cores",
+        "machine.gpu": "none",
+        "machine.torch": torch.__version__,
+        "machine.python": platform.python_version(),
+    }
 
 
 def test_one_nested_run_per_task_each_finished(smoke_study) -> None:
@@ -215,7 +227,8 @@ def test_parent_run_previews_tables_1_and_2_as_csv_and_the_report_names_it(smoke
         stored = flat_table(read_frame(table, schema))  # list cells as "1, 3" text
         previewed = pd.read_csv(local)
         for column in {"dead_repeats", "dead_epochs"} & set(stored.columns):
-            previewed[column] = previewed[column].fillna("").astype(str)  # "" reads as NaN
+            # "" reads as NaN, in a float column that takes no text
+            previewed[column] = previewed[column].astype(object).fillna("").astype(str)
         pd.testing.assert_frame_equal(previewed, stored, check_dtype=False, check_exact=True)
     report = (workdir / "report.md").read_text()
     assert f"- MLflow run: `{parent}` (experiment {experiment.experiment_id})" in report

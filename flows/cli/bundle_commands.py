@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from deployments.bundle import DEFAULT_PLATFORM, PREINSTALLED
+from deployments.bundle import BROUGHT_ALONG, DEFAULT_PLATFORM, PREINSTALLED
 
 if TYPE_CHECKING:
     from flows.cli.options import Commands
@@ -41,6 +41,16 @@ def add_bundle(commands: Commands) -> None:
         f"manylinux_2_28_x86_64)",
     )
     bundle.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        choices=[*PREINSTALLED, *BROUGHT_ALONG],
+        metavar="NAME",
+        help="carry a wheel of one of the packages a node brings too (repeatable), at the "
+        "version tested with; pip installs it only where the node's own lies outside the "
+        "range the bundle asks (e.g. pyarrow 26 beside MLflow's pyarrow<26)",
+    )
+    bundle.add_argument(
         "--with-dask",
         action="store_true",
         help="add the Dask task runner (the [dask] extra: prefect-dask, distributed)",
@@ -54,7 +64,9 @@ def _bundle(args: argparse.Namespace) -> int:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    bundle = build_bundle(args.python, args.out, args.platform, args.with_dask, log)
+    bundle = build_bundle(
+        args.python, args.out, args.platform, args.with_dask, log, include=args.include
+    )
     files = bundle.files
     print(
         f"Bundle for Python {bundle.target.version} on {bundle.target.platform}: {bundle.out}\n"
