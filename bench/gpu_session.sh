@@ -73,6 +73,19 @@ run() {  # PART: install from both parts, start the study in the background, the
     else
         python3 -m venv --system-site-packages "$venv"
         python=$venv/bin/python
+        # The GPU machine's python3 is itself a virtual environment (/opt/torch/.venv): a venv
+        # made from it sees the base interpreter's packages, not that venv's (torch among
+        # them), so they are added by a .pth file, after the new venv's own.
+        python3 - "$python" <<'EOF'
+import pathlib, site, subprocess, sys
+if sys.prefix != sys.base_prefix:
+    purelib = subprocess.check_output(
+        [sys.argv[1], "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], text=True
+    ).strip()
+    dirs = [d for d in site.getsitepackages() if pathlib.Path(d).is_dir()]
+    lines = "".join(f"import site; site.addsitedir({d!r})\n" for d in dirs)
+    pathlib.Path(purelib, "aemnist-node-packages.pth").write_text(lines)
+EOF
     fi
     PYTHON=$python sh "$stage_dir/install.sh" --quiet > "$run_dir/install.log" 2>&1 \
         || { tail -20 "$run_dir/install.log"; exit 1; }

@@ -669,7 +669,11 @@ It checks the Python version and the packages above, then runs
 `python -m pip install --no-index --find-links DIR aemnist{_extras(extras)}`; options given
 to it go to pip (`--user`). To keep the node's environment as it is, install into a virtual
 environment that sees it: `python -m venv --system-site-packages ENV`, then
-`PYTHON=ENV/bin/python ./install.sh`.
+`PYTHON=ENV/bin/python ./install.sh`. Where that Python is itself a virtual environment (a
+CUDA image's `/opt/torch/.venv`, say), ENV sees its base interpreter's packages instead of
+that environment's, and install.sh finds no torch: add them to ENV with a `.pth` file in its
+site-packages holding the line
+`import site; site.addsitedir('/that/venv/lib/python{target.version}/site-packages')`.
 
 ## Run
 
