@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -23,7 +22,7 @@ if str(REPO_ROOT) not in sys.path:  # run as `python bench/NAME.py` from a check
     sys.path.insert(0, str(REPO_ROOT))
 
 from aemnist.data import MIRROR_ENV, ImageSet, download_mnist, load_images  # noqa: E402
-from aemnist.runtime import cpu_model  # noqa: E402
+from aemnist.runtime import machine_tags  # noqa: E402
 
 # The laboratory's settings (design.md): encoding size 20, batch 256, Adam.
 SIZE = 20
@@ -107,13 +106,14 @@ def laboratory_epochs(
 
 
 def machine(device: str | None = None) -> str:
-    """What the figures were measured on: CPU model and the cores this process may use, the
-    GPU torch sees, torch's and Python's versions, and the device the bench computes on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    """What the figures were measured on, as a study's parent run records it (CPU model and
+    the cores this process may use, the GPU torch sees, torch's and Python's versions), and
+    the device the bench computes on."""
+    tags = machine_tags("auto")
+    gpu = "no GPU" if tags["machine.gpu"] == "none" else tags["machine.gpu"]
     text = (
-        f"{cpu_model()} ({platform.machine()}), {cores} cores, {gpu}, torch {torch.__version__}, "
-        f"Python {platform.python_version()}"
+        f"{tags['machine.cpu']}, {gpu}, torch {tags['machine.torch']}, "
+        f"Python {tags['machine.python']}"
     )
     return text + (f"; device {device}" if device else "")
 
