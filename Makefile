@@ -26,8 +26,12 @@ $(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/aemnist run $(ARGS)
 
+# Two test workers: one process leaves a third of two cores idle while servers start and
+# workers poll (bench/README.md, "The test suite"). Each worker takes whole modules.
+TEST_WORKERS ?= 2
+
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

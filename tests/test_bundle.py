@@ -113,6 +113,7 @@ def _wheel_names(folder: Path) -> set[str]:
     return {canonicalize_name(p.name.split("-")[0]) for p in folder.glob("*.whl")}
 
 
+@pytest.mark.e2e
 def test_bundle_installs_offline_on_a_node_and_runs_the_study(
     tmp_path: Path, mnist_mirror: Path
 ) -> None:
@@ -253,6 +254,7 @@ def test_unwritable_or_foreign_out_dir_is_one_line_before_any_download(tmp_path:
         build_bundle("3.12", tmp_path, log=lambda line: None)
 
 
+@pytest.mark.e2e
 def test_no_wheel_for_the_platform_is_one_line(tmp_path: Path) -> None:
     """Needs PyPI (10 s): no release of cryptography that MLflow accepts has a wheel for
     manylinux1 (glibc 2.5). The output folder stays empty."""

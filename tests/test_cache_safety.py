@@ -201,6 +201,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, mnist_mirror: Path) -> Study
     return s
 
 
+@pytest.mark.e2e
 def test_work_dir_and_cache_are_private_and_hold_json_records(study: Study) -> None:
     layout = Layout(study.workdir)
     assert stat.S_IMODE(layout.root.stat().st_mode) == 0o700
@@ -212,6 +213,7 @@ def test_work_dir_and_cache_are_private_and_hold_json_records(study: Study) -> N
         check_record(record.read_bytes())
 
 
+@pytest.mark.e2e
 def test_planted_pickle_record_is_refused_and_its_task_recomputed(study: Study) -> None:
     layout = Layout(study.workdir)
     records = study.records()

@@ -307,6 +307,7 @@ def test_eight_threads_logging_per_epoch_metrics_lose_nothing(tmp_path: Path) ->
     assert _points(ctx) == {f"process {i}": 100 for i in range(8)}
 
 
+@pytest.mark.e2e
 def test_eight_processes_logging_per_epoch_metrics_lose_nothing(tmp_path: Path) -> None:
     ctx = _parent(tmp_path)
     spawn = multiprocessing.get_context("spawn")

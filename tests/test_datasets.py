@@ -195,6 +195,7 @@ def test_an_mnist_config_dumps_and_hashes_as_before_datasets_were_a_field() -> N
     assert fashion.flat()["data.dataset"] == "fashion-mnist"
 
 
+@pytest.mark.e2e
 def test_aemnist_run_with_an_unknown_dataset_stops_before_anything_in_one_line(
     tmp_path: Path,
 ) -> None:
@@ -363,6 +364,7 @@ perplexity = 10.0
 """
 
 
+@pytest.mark.e2e
 def test_a_smoke_study_on_a_fashion_slice_through_the_command_line(tmp_path: Path) -> None:
     mirror = tmp_path / "mirror"
     record = tmp_path / "pins.json"

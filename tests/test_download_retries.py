@@ -17,6 +17,8 @@ from aemnist.jobs import DownloadJob
 from aemnist.layout import Layout
 from aemnist.tracking import embedded_tracking_uri, start_study
 
+pytestmark = pytest.mark.e2e
+
 
 class Mirror(http.server.ThreadingHTTPServer):
     """Serves a folder; the first ``failures`` requests get 503, ``corrupt`` files come back

@@ -31,6 +31,8 @@ from aemnist.export import ExportError, export_study
 from aemnist.jobs import grid_label, size_label
 from aemnist.workdir import lock_workdir
 
+pytestmark = pytest.mark.e2e
+
 MAX_BYTES = 25_000_000
 # What never ships: checkpoints and pickles (by suffix), and the folders and files a run
 # keeps for itself (MNIST tables, checkpoints, Prefect's results, server state, locks).

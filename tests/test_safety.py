@@ -261,6 +261,7 @@ def test_the_flow_refuses_a_bad_mirror_scheme_before_any_task(tmp_path: Path) ->
     check_mirror("/data/mnist")
 
 
+@pytest.mark.e2e
 def test_the_command_line_refuses_a_bad_mirror_scheme_before_starting_anything(
     tmp_path: Path,
 ) -> None:
@@ -456,6 +457,7 @@ def files_holding(root: Path, needle: bytes) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
+@pytest.mark.e2e
 def test_a_refused_mirror_fails_the_run_without_a_retry_naming_it_redacted(tmp_path: Path) -> None:
     with refused_port() as port:
         url = f"http://{USER}:{TOKEN}@127.0.0.1:{port}/mnist?sig={SIGNATURE}"
@@ -471,6 +473,7 @@ def test_a_refused_mirror_fails_the_run_without_a_retry_naming_it_redacted(tmp_p
     assert not files_holding(tmp_path, TOKEN.encode())
 
 
+@pytest.mark.e2e
 def test_smoke_run_keeps_mirror_credentials_out_of_every_record_and_shows_the_fault_hook(
     mnist_mirror: Path, tmp_path: Path
 ) -> None:
