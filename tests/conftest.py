@@ -112,23 +112,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
 
 
-# --- markers and order --------------------------------------------------------------------
+
+# --- markers ------------------------------------------------------------------------------
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the marks added here
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the mark added here
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test of a ``*_e2e.py`` module ``e2e`` (other modules mark their own), and
-    put the modules holding any e2e test first, each module's tests in their own order.
-
-    Why the order: `make test` runs two workers, each taking whole modules in turn
-    (``--dist loadfile``); the minutes-long server modules started first leave the
-    second-long unit modules to even out the end, instead of one worker finishing a
-    server module alone while the other has nothing left."""
-    e2e_modules: set[str] = set()
+    """Mark every test of a ``*_e2e.py`` module ``e2e``; other modules mark their own."""
     for item in items:
         if item.path.stem.endswith("_e2e"):
             item.add_marker(pytest.mark.e2e)
-        if item.get_closest_marker("e2e") is not None:
-            e2e_modules.add(item.nodeid.split("::")[0])
-    # sorted is stable: within each group, the collection's own order
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in e2e_modules)
