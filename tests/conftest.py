@@ -112,7 +112,6 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
 
 
-
 # --- markers ------------------------------------------------------------------------------
 
 
