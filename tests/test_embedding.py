@@ -9,6 +9,7 @@ import pytest
 
 from aemnist.data import ImageSet, load_images
 from aemnist.embedding import (
+    CollapsedEncodingError,
     embed,
     encode,
     knn_accuracy,
@@ -111,3 +112,20 @@ def test_embed_returns_n_rows_of_the_embedding_schema_and_bounded_metrics(
         assert 0.0 <= metrics[name] <= 1.0, (name, metrics[name])
     for name in ("silhouette_latent", "silhouette_tsne"):
         assert -1.0 <= metrics[name] <= 1.0, (name, metrics[name])
+
+
+def test_codes_of_a_collapsed_model_are_refused_with_the_cause_not_a_crash() -> None:
+    # A collapsed model gives every image one code (one measured: 200 identical rows of
+    # magnitude 0.2). scikit-learn 1.9.1's t-SNE takes the process down (SIGSEGV) on such rows;
+    # the map must refuse them first, naming the cause and a fix.
+    rng = np.random.default_rng(0)
+    z = np.tile(rng.uniform(-0.5, 0.5, size=20).astype(np.float32), (200, 1))
+    with pytest.raises(CollapsedEncodingError, match="encodes all 200 images alike") as caught:
+        tsne_map(z, perplexity=30.0, seed=0)
+    assert "output_bias_at_mean" in str(caught.value)
+    # Codes a few float32 roundings apart are still one point.
+    with pytest.raises(CollapsedEncodingError):
+        tsne_map(z + rng.normal(scale=1e-7, size=z.shape).astype(np.float32), 30.0, 0)
+    # One dimension that varies is a map to draw.
+    z[:, 3] = rng.normal(size=200)
+    assert tsne_map(z, perplexity=30.0, seed=0).shape == (200, 2)
