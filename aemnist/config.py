@@ -300,7 +300,8 @@ def _storage_url(value: str) -> str:
 
 
 class RuntimeConfig(_Section):
-    """Where and how parallel the compute runs; changes no number of the study's tables."""
+    """Where and how parallel the compute runs. None of it changes the study's arithmetic;
+    the device and stacked cells change its float rounding (other kernels)."""
 
     workers: int = Field(
         0,
@@ -317,6 +318,13 @@ class RuntimeConfig(_Section):
         8,
         ge=1,
         description="training tasks sharing one GPU at a time, each on its own CUDA stream",
+    )
+    stacked_cells: int = Field(
+        1,
+        ge=1,
+        description="grid cells of one fold trained at once as one batched model, in one task "
+        "(aemnist.stacked): on a GPU N cells cost about the kernel launches of one; each cell "
+        "keeps its own MLflow run and table; 1 = every cell its own task",
     )
     storage: Annotated[str, AfterValidator(_storage_url)] = Field(
         "",
@@ -406,6 +414,7 @@ class StudyConfig(_Section):
 LATER_FIELDS: dict[tuple[str, str], Any] = {
     ("grid", "repeats"): 1,
     ("training", "output_bias_at_mean"): False,
+    ("runtime", "stacked_cells"): 1,
 }
 
 

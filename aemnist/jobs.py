@@ -41,6 +41,11 @@ def grid_label(lr: float, weight_decay: float, fold: int, repeat: int = 0) -> st
     )
 
 
+def group_label(fold: int, part: int, parts: int) -> str:
+    """A stacked grid task's name: its fold and which of the fold's groups it is."""
+    return f"grid fold={fold} stack {part}/{parts}"
+
+
 @dataclass(frozen=True)
 class TableUse:
     """A stage table a task reads and the split it takes from it: logged as a dataset input
@@ -172,6 +177,54 @@ class FoldJob:
 
 
 @dataclass(frozen=True)
+class FoldGroupJob:
+    """Grid cells of one fold trained at once as one batched model (aemnist.stacked), in one
+    task: ``runtime.stacked_cells`` > 1. Each cell keeps its own label (its MLflow run's
+    name), history table and parameters; the group has one checkpoint and one cache entry,
+    keyed by its cells."""
+
+    cells: tuple[FoldJob, ...]
+    # Which group of its fold (1-based) and of how many: its name only.
+    part: int = field(default=1, metadata={"key": False})
+    parts: int = field(default=1, metadata={"key": False})
+
+    stage = "grid"
+
+    def __post_init__(self) -> None:
+        folds = {(cell.fold, cell.train_limit, cell.size, cell.epochs) for cell in self.cells}
+        if not self.cells or len(folds) != 1:
+            raise ValueError("a stacked group holds cells of one fold, size and epoch count")
+
+    @property
+    def first(self) -> FoldJob:
+        return self.cells[0]
+
+    @property
+    def label(self) -> str:
+        return group_label(self.first.fold, self.part, self.parts)
+
+    @property
+    def compute(self) -> Compute:
+        return self.first.compute
+
+    @property
+    def epochs(self) -> int:
+        return self.first.epochs
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.first.layout.checkpoint(self.label)
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [cell.output for cell in self.cells]
+
+    def params(self) -> dict[str, Any]:
+        """What each cell's MLflow run records of the group it trained in."""
+        return {"stacked_with": len(self.cells), "stack": self.label}
+
+
+@dataclass(frozen=True)
 class SizeJob:
     """Training at one encoding size on the whole training set: a sweep task or a final
     model (``stage``), one seed (``repeat``)."""
@@ -282,6 +335,7 @@ Job = (
     DownloadJob
     | FoldsJob
     | FoldJob
+    | FoldGroupJob
     | SizeJob
     | SummaryJob
     | CorruptionJob

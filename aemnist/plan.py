@@ -27,6 +27,7 @@ from aemnist.jobs import (
     CorruptionJob,
     DownloadJob,
     EmbeddingJob,
+    FoldGroupJob,
     FoldJob,
     FoldsJob,
     Job,
@@ -34,6 +35,7 @@ from aemnist.jobs import (
     SizeJob,
     SummaryJob,
     grid_label,
+    group_label,
     size_label,
 )
 from aemnist.layout import Layout
@@ -173,28 +175,83 @@ def _folds(study: Study, results: Results) -> list[Job]:
     return [FoldsJob(study.layout, train, c.data.train_limit, c.grid.folds, c.seed)]
 
 
+@dataclass(frozen=True)
+class StackedGroup:
+    """Grid cells trained at once in one task: the ``part``-th of ``parts`` groups of
+    their fold."""
+
+    cells: list[tuple[float, float, int, int]]
+    part: int
+    parts: int
+
+    @property
+    def label(self) -> str:
+        return group_label(self.cells[0][2], self.part, self.parts)
+
+
+def stacked_groups(config: StudyConfig) -> list[StackedGroup]:
+    """The grid's cells as ``runtime.stacked_cells`` groups them: the cells of each fold (in
+    ``grid_cells`` order; one fold's cells train on equally many images), split into as few
+    groups of at most that many cells as hold them, their sizes as even as can be. Fixed by
+    the config alone: a cell's float rounding may depend on the group it trains in, so a
+    re-run groups it as before."""
+    groups = []
+    for fold in range(config.grid.folds):
+        cells = [cell for cell in grid_cells(config) if cell[2] == fold]
+        parts = -(-len(cells) // config.runtime.stacked_cells)
+        step, extra = divmod(len(cells), parts)
+        start = 0
+        for part in range(parts):
+            end = start + step + (part < extra)
+            groups.append(StackedGroup(cells[start:end], part + 1, parts))
+            start = end
+    return groups
+
+
+def _grid_labels(config: StudyConfig) -> list[str]:
+    if config.runtime.stacked_cells == 1:
+        return [grid_label(*cell) for cell in grid_cells(config)]
+    return [group.label for group in stacked_groups(config)]
+
+
 def _grid(study: Study, results: Results) -> list[Job]:
     c = study.config
     train, _ = _mnist(results)
     (folds,) = results["folds"]
-    return [
-        FoldJob(
-            study.layout,
-            train,
-            folds,
-            c.data.train_limit,
-            lr,
-            wd,
-            fold,
-            c.grid.size,
-            c.grid.epochs,
-            c.training,
-            c.seed,
-            study.compute(),
-            repeat,
+
+    def cell_job(lr: float, wd: float, fold: int, repeat: int) -> FoldJob:
+        return FoldJob(
+            study.layout, train, folds, c.data.train_limit, lr, wd, fold, c.grid.size,
+            c.grid.epochs, c.training, c.seed, study.compute(), repeat,
         )  # fmt: skip
-        for lr, wd, fold, repeat in grid_cells(c)
+
+    if c.runtime.stacked_cells == 1:
+        return [cell_job(*cell) for cell in grid_cells(c)]
+    return [
+        FoldGroupJob(tuple(cell_job(*cell) for cell in group.cells), group.part, group.parts)
+        for group in stacked_groups(c)
     ]
+
+
+def grid_histories(config: StudyConfig, results: Results) -> list[TableRef]:
+    """The grid stage's history tables, one a cell, in ``grid_cells`` order: as its tasks
+    returned them, or, when they trained stacked, from each group's tables by cell label."""
+    if config.runtime.stacked_cells == 1:
+        return list(results["grid"])
+    by_label = {label: ref for group in results["grid"] for label, ref in group.items()}
+    return [by_label[grid_label(*cell)] for cell in grid_cells(config)]
+
+
+def _grid_writes(job: FoldJob | FoldGroupJob) -> list[Path]:
+    return job.outputs if isinstance(job, FoldGroupJob) else [job.output]
+
+
+def task_result(job: Job, refs: Sequence[TableRef]) -> Any:
+    """What ``job``'s task returns, from the refs of the files it wrote (its stage's
+    ``writes``, in order): a stacked group's tables by cell label, else the first file's."""
+    if isinstance(job, FoldGroupJob):
+        return {cell.label: ref for cell, ref in zip(job.cells, refs, strict=True)}
+    return refs[0]
 
 
 def _size_job(
@@ -233,7 +290,8 @@ def _grid_summary(study: Study, results: Results) -> list[Job]:
     # Each history's repeat, from the job order (the histories carry no repeat column, so
     # that a study without repeats writes the tables it wrote before).
     repeats = tuple(cell[3] for cell in grid_cells(c)) if c.grid.repeats > 1 else ()
-    return [SummaryJob("grid-summary", study.layout, tuple(results["grid"]), repeats=repeats)]
+    histories = tuple(grid_histories(c, results))
+    return [SummaryJob("grid-summary", study.layout, histories, repeats=repeats)]
 
 
 def _sweep_summary(study: Study, results: Results) -> list[Job]:
@@ -284,7 +342,7 @@ def _report(study: Study, results: Results) -> list[Job]:
     c = study.config
     if c.grid.repeats > 1 or c.sweep.repeats > 1:
         # Several seeds: the report reads each seed's own best from the histories.
-        tables += [*results["grid"], *results["sweep"]]
+        tables += [*grid_histories(c, results), *results["sweep"]]
     return [ReportJob(study.config, study.layout, tuple(tables))]
 
 
@@ -315,9 +373,9 @@ STAGES: dict[str, Stage] = {
             writes=lambda job: [job.layout.folds], labels=_one("folds"),
         ),
         Stage(
-            "grid", ("download", "folds"), ("grid_history",), ("aemnist.training",), _grid,
-            writes=lambda job: [job.output],
-            labels=lambda config: [grid_label(*cell) for cell in grid_cells(config)],
+            "grid", ("download", "folds"), ("grid_history",),
+            ("aemnist.training", "aemnist.stacked"), _grid, writes=_grid_writes,
+            labels=_grid_labels,
         ),
         Stage(
             "grid-summary", ("grid",), ("grid_summary",), ("aemnist.summaries", "aemnist.schemas"),

@@ -6,19 +6,39 @@ products (model k sees its own batch in input channel k), and torch's Adam updat
 model's parameters as a group of its own. The arithmetic per model is the one
 ``aemnist.training.fit`` does; only the kernels that carry it differ (grouped instead of
 single convolutions), so results agree with separate training to float rounding.
+
+The grid stage trains its cells this way when ``runtime.stacked_cells`` > 1
+(``train_fold_group``): on a GPU this small model is bound by kernel launches, and N stacked
+models cost about the launches of one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from aemnist.data import ImageSet
 from aemnist.model import Autoencoder
 from aemnist.runtime import prepare_device
-from aemnist.training import DEFAULT_OPTIONS, EpochResult, TrainingOptions, evaluate
+from aemnist.training import (
+    DEFAULT_OPTIONS,
+    EpochCallback,
+    EpochResult,
+    TrainingOptions,
+    grid_history_frame,
+    grid_model,
+    load_training_state,
+    loss_and_spread,
+    pixel_spread,
+    save_training_state,
+    task_stream,
+    validation_mask,
+)
 
 # The last two transposed convolutions of the decoder (aemnist.model.Decoder).
 _UPSAMPLE = {"stride": 2, "padding": 1, "output_padding": 1}
@@ -72,6 +92,61 @@ class StackedAutoencoders(nn.Module):
         return torch.sigmoid(out)
 
 
+def _resume(
+    checkpoint: Path | None,
+    resume_key: str | None,
+    models: Sequence[Autoencoder],
+    optimizer: torch.optim.Optimizer,
+    generators: Sequence[torch.Generator],
+) -> list[list[EpochResult]]:
+    """Each model's finished epochs in ``checkpoint`` if it was written under ``resume_key``
+    for as many models, with the training state it holds put back; none (and nothing
+    touched) otherwise."""
+    if checkpoint is None or resume_key is None or not checkpoint.exists():
+        return [[] for _ in models]
+    state = load_training_state(checkpoint)
+    if state is None or state.get("key") != resume_key or len(state["models"]) != len(models):
+        return [[] for _ in models]
+    for model, weights in zip(models, state["models"], strict=True):
+        model.load_state_dict(weights)
+    optimizer.load_state_dict(state["optimizer"])
+    for generator, saved in zip(generators, state["generators"], strict=True):
+        generator.set_state(saved)
+    # state["history"][epoch][model] is [epoch, train loss, eval loss, lr, spread, black ratio].
+    return [
+        [EpochResult(int(e[k][0]), *e[k][1:4], True, *e[k][4:6]) for e in state["history"]]
+        for k in range(len(models))
+    ]
+
+
+def _save_checkpoint(
+    checkpoint: Path,
+    resume_key: str,
+    models: Sequence[Autoencoder],
+    optimizer: torch.optim.Optimizer,
+    generators: Sequence[torch.Generator],
+    histories: Sequence[Sequence[EpochResult]],
+) -> None:
+    """The whole state after the last finished epoch, as ``_resume`` reads it; its "history"
+    has one entry per epoch, as ``fit``'s checkpoint does (`aemnist status` counts them)."""
+    save_training_state(
+        checkpoint,
+        {
+            "key": resume_key,
+            "models": [m.state_dict() for m in models],
+            "optimizer": optimizer.state_dict(),
+            "generators": [g.get_state() for g in generators],
+            "history": [
+                [
+                    [h.epoch, h.train_loss, h.eval_loss, h.lr, h.output_spread, h.black_ratio]
+                    for h in epoch
+                ]
+                for epoch in zip(*histories, strict=True)
+            ],
+        },
+    )
+
+
 def fit_stacked(
     models: Sequence[Autoencoder],
     images: torch.Tensor,
@@ -84,59 +159,163 @@ def fit_stacked(
     epochs: int,
     batch_size: int,
     eval_batch_size: int = 2048,
+    on_epoch: Sequence[EpochCallback] | None = None,
+    checkpoint: Path | None = None,
+    resume_key: str | None = None,
     device: str = "cpu",
     options: TrainingOptions = DEFAULT_OPTIONS,
 ) -> list[list[EpochResult]]:
     """Train ``models`` in place, at once: model k on ``images[train_index[k]]`` with Adam
     at ``lrs[k]`` and ``weight_decays[k]``, its batches drawn as ``fit`` draws them from
-    ``seeds[k]``; evaluated on ``eval_images[k]`` after each epoch. Every model must see
-    the same number of training images (one step count). On ``device`` "cuda" the images
-    are copied there once and batches gathered there. Of ``options`` only ``fused_adam``
+    ``seeds[k]``; evaluated on ``eval_images[k]`` after each epoch (loss, output spread and
+    black ratio, as ``fit`` reports them), each result passed to ``on_epoch[k]``. Every model
+    must see the same number of training images (one step count).
+
+    With ``checkpoint`` the whole state (models, optimiser, shuffling RNGs, histories) is
+    saved after every epoch; a later call with the same ``resume_key`` continues from the
+    last finished epoch, its restored epochs passed to ``on_epoch`` marked ``resumed``.
+
+    On ``device`` "cuda" the images are copied there once, batches gathered there, and the
+    work runs on a stream of its own (as ``fit``'s). Of ``options`` only ``fused_adam``
     applies (the stacked step is neither captured nor channels-last). Returns each model's
     history; the models are left on the CPU."""
     n = {int(index.shape[0]) for index in train_index}
     if len(n) != 1:
         raise ValueError(f"stacked models must train on equally many images, got {sorted(n)}")
+    if on_epoch is not None and len(on_epoch) != len(models):
+        raise ValueError(f"{len(on_epoch)} epoch callbacks for {len(models)} models")
     (count,) = n
     dev = torch.device(device)
     prepare_device(dev.type)
-    stacked = StackedAutoencoders(models).to(dev)
-    optimizer = torch.optim.Adam(
-        [
-            {"params": list(m.parameters()), "lr": lr, "weight_decay": wd}
-            for m, lr, wd in zip(models, lrs, weight_decays, strict=True)
-        ],
-        fused=options.fused_adam,
-    )
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    flat = images.to(dev).reshape(images.shape[0], -1)
-    on_device = [index.to(dev) for index in train_index]
-    evals = [e.to(dev) for e in eval_images]
-    histories: list[list[EpochResult]] = [[] for _ in models]
-    for epoch in range(1, epochs + 1):
-        stacked.train()
-        # Row i holds each model's i-th image of this epoch; the orders are drawn on the CPU
-        # from each model's own generator, as fit draws them.
-        orders = torch.stack(
+    with task_stream(dev):
+        stacked = StackedAutoencoders(models).to(dev)
+        optimizer = torch.optim.Adam(
             [
-                index[torch.randperm(count, generator=g).to(dev)]
-                for index, g in zip(on_device, generators, strict=True)
+                {"params": list(m.parameters()), "lr": lr, "weight_decay": wd}
+                for m, lr, wd in zip(models, lrs, weight_decays, strict=True)
             ],
-            dim=1,
+            fused=options.fused_adam,
         )
-        totals = torch.zeros(len(models), dtype=torch.float64, device=dev)
-        for start in range(0, count, batch_size):
-            rows = orders[start : start + batch_size]
-            batch = flat[rows].reshape(rows.shape[0], len(models), 28, 28)
-            per_model = F.mse_loss(stacked(batch), batch, reduction="none").mean(dim=(0, 2, 3))
-            optimizer.zero_grad(set_to_none=True)
-            # Each model's gradient is that of its own mean loss: the sum couples nothing.
-            per_model.sum().backward()
-            optimizer.step()
-            totals += per_model.detach().double() * rows.shape[0]
-        train_losses = (totals / count).tolist()  # one host sync per epoch
-        for k, model in enumerate(models):
-            eval_loss = evaluate(model, evals[k], eval_batch_size)
-            histories[k].append(EpochResult(epoch, train_losses[k], eval_loss, float(lrs[k])))
-    stacked.to("cpu")
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        histories = _resume(checkpoint, resume_key, models, optimizer, generators)
+        if on_epoch is not None:
+            for callback, history in zip(on_epoch, histories, strict=True):
+                for result in history:
+                    callback(result)
+        flat = images.to(dev).reshape(images.shape[0], -1)
+        on_device = [index.to(dev) for index in train_index]
+        evals = [e.to(dev) for e in eval_images]
+        spreads = [pixel_spread(e) for e in evals]
+        blacks = [float(e.double().square().mean()) for e in evals]
+        for epoch in range(len(histories[0]) + 1, epochs + 1):
+            stacked.train()
+            # Row i holds each model's i-th image of this epoch; the orders are drawn on the
+            # CPU from each model's own generator, as fit draws them.
+            orders = torch.stack(
+                [
+                    index[torch.randperm(count, generator=g).to(dev)]
+                    for index, g in zip(on_device, generators, strict=True)
+                ],
+                dim=1,
+            )
+            totals = torch.zeros(len(models), dtype=torch.float64, device=dev)
+            for start in range(0, count, batch_size):
+                rows = orders[start : start + batch_size]
+                batch = flat[rows].reshape(rows.shape[0], len(models), 28, 28)
+                per_model = F.mse_loss(stacked(batch), batch, reduction="none").mean(dim=(0, 2, 3))
+                optimizer.zero_grad(set_to_none=True)
+                # Each model's gradient is that of its own mean loss: the sum couples nothing.
+                per_model.sum().backward()
+                optimizer.step()
+                totals += per_model.detach().double() * rows.shape[0]
+            train_losses = (totals / count).tolist()  # one host sync per epoch
+            results = []
+            for k, model in enumerate(models):
+                eval_loss, spread = loss_and_spread(model, evals[k], eval_batch_size, spreads[k])
+                results.append(
+                    EpochResult(
+                        epoch,
+                        train_losses[k],
+                        eval_loss,
+                        float(lrs[k]),
+                        False,
+                        spread,
+                        eval_loss / blacks[k],
+                    )
+                )
+            for history, result in zip(histories, results, strict=True):
+                history.append(result)
+            if checkpoint is not None and resume_key is not None:
+                _save_checkpoint(checkpoint, resume_key, models, optimizer, generators, histories)
+            if on_epoch is not None:
+                for callback, result in zip(on_epoch, results, strict=True):
+                    callback(result)
+    for model in models:
+        model.to("cpu")
     return histories
+
+
+def train_fold_group(
+    train: ImageSet,
+    folds: pd.DataFrame,
+    fold: int,
+    cells: Sequence[tuple[float, float, int]],
+    *,
+    size: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    output_bias_at_mean: bool = False,
+    eval_batch_size: int = 2048,
+    on_epoch: Sequence[EpochCallback] | None = None,
+    checkpoint: Path | None = None,
+    resume_key: str | None = None,
+    device: str = "cpu",
+    options: TrainingOptions = DEFAULT_OPTIONS,
+) -> list[pd.DataFrame]:
+    """Grid cells of one fold trained at once: each of ``cells`` (lr, weight decay, repeat)
+    trains on every fold but ``fold`` and validates on it, from the initial weights and
+    batch order ``aemnist.training.train_fold`` gives it, so that each history agrees with
+    that cell's own ``train_fold`` to float rounding.
+
+    Returns each cell's per-epoch history (the grid_history table), in ``cells``' order."""
+    val_mask = validation_mask(train, folds, fold)
+    fit_images = train.images[~val_mask]
+    drawn = [
+        grid_model(
+            fit_images,
+            lr=lr,
+            weight_decay=wd,
+            fold=fold,
+            size=size,
+            seed=seed,
+            repeat=repeat,
+            output_bias_at_mean=output_bias_at_mean,
+        )
+        for lr, wd, repeat in cells
+    ]
+    models = [model for model, _ in drawn]
+    # The images once, each model's training rows into them: the cells share their fold.
+    index = torch.nonzero(~val_mask).squeeze(1)
+    eval_images = train.images[val_mask]
+    histories = fit_stacked(
+        models,
+        train.images,
+        [index] * len(cells),
+        [eval_images] * len(cells),
+        lrs=[lr for lr, _, _ in cells],
+        weight_decays=[wd for _, wd, _ in cells],
+        seeds=[key for _, key in drawn],
+        epochs=epochs,
+        batch_size=batch_size,
+        eval_batch_size=eval_batch_size,
+        on_epoch=on_epoch,
+        checkpoint=checkpoint,
+        resume_key=resume_key,
+        device=device,
+        options=options,
+    )
+    return [
+        grid_history_frame(lr, wd, fold, history)
+        for (lr, wd, _), history in zip(cells, histories, strict=True)
+    ]

@@ -58,7 +58,8 @@ def _task_status(
     stored = _our_record(layout.cache_dir / key)
     refs = [recorded_ref(path, key) for path in outputs]
     if stored and all(ref is not None for ref in refs):
-        return TaskStatus(stage, job.label, "cached", "a re-run reuses it", key), refs[0]
+        result = plan.task_result(job, refs)
+        return TaskStatus(stage, job.label, "cached", "a re-run reuses it", key), result
     epochs = getattr(job, "epochs", 0)
     epoch = _checkpoint_epoch(job, key) if epochs else None
     if epoch:

@@ -110,7 +110,7 @@ def _mean_squared_error(model: nn.Module, images: torch.Tensor, batch_size: int)
 
 
 @torch.inference_mode()
-def _loss_and_spread(
+def loss_and_spread(
     model: nn.Module, images: torch.Tensor, batch_size: int, image_spread: float
 ) -> tuple[float, float]:
     """What ``_mean_squared_error`` gives, and the reconstructions' output_spread (see
@@ -152,7 +152,7 @@ def load_training_state(path: Path) -> dict[str, Any] | None:
 
 
 @contextmanager
-def _task_stream(device: torch.device) -> Iterator[None]:
+def task_stream(device: torch.device) -> Iterator[None]:
     """On CUDA, a stream of the task's own: tasks that share the GPU overlap their kernels
     instead of queueing on the default stream."""
     if device.type != "cuda":
@@ -361,7 +361,7 @@ def fit(
     """
     dev = torch.device(device)
     prepare_device(dev.type)
-    with _task_stream(dev):
+    with task_stream(dev):
         graphs = dev.type == "cuda" and options.cuda_graphs
         memory_format = training_layout(device, options)
         model.to(dev, memory_format=memory_format)
@@ -403,7 +403,7 @@ def fit(
             for start in range(0, n, batch_size):
                 step(order[start : start + batch_size])
             train_loss = float(total) / n
-            eval_loss, spread = _loss_and_spread(model, eval_images, eval_batch_size, image_spread)
+            eval_loss, spread = loss_and_spread(model, eval_images, eval_batch_size, image_spread)
             if scheduler is not None:
                 scheduler.step(eval_loss)
                 _pin_lr(optimizer, lr_tensor)
@@ -421,6 +421,54 @@ def fit(
     # computes exactly what this one does.
     model.to("cpu", memory_format=torch.contiguous_format)
     return history
+
+
+def validation_mask(train: ImageSet, folds: pd.DataFrame, fold: int) -> torch.Tensor:
+    """Which of ``train``'s images lie in ``fold`` (the grid cell's validation images)."""
+    fold_of = folds.set_index("idx")["fold"].reindex(train.idx).to_numpy()
+    if np.isnan(fold_of.astype(float)).any():
+        raise ValueError("the folds table does not cover every training image")
+    return torch.from_numpy(fold_of == fold)
+
+
+def grid_model(
+    train_images: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    fold: int,
+    size: int,
+    seed: int,
+    repeat: int = 0,
+    output_bias_at_mean: bool = False,
+) -> tuple[Autoencoder, int]:
+    """A grid cell's untrained model and the seed of its batch order, both drawn from the
+    cell itself (never from the order cells run in): trained alone (``train_fold``) or
+    stacked with others (aemnist.stacked), a cell starts from the same weights. The model
+    takes the images' dtype (float32 in the study; float64 in tests that compare the two)."""
+    key = task_seed(seed, "grid", lr, weight_decay, fold, *([repeat] if repeat else []))
+    model = build_autoencoder(size, key).to(train_images.dtype)
+    if output_bias_at_mean:
+        start_at_mean_intensity(model, train_images)
+    return model, key
+
+
+def grid_history_frame(
+    lr: float, weight_decay: float, fold: int, history: list[EpochResult]
+) -> pd.DataFrame:
+    """A grid cell's per-epoch history as the grid_history table holds it."""
+    return pd.DataFrame(
+        {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "fold": fold,
+            "epoch": [h.epoch for h in history],
+            "train_loss": [h.train_loss for h in history],
+            "val_loss": [h.eval_loss for h in history],
+            "output_spread": [h.output_spread for h in history],
+            "black_ratio": [h.black_ratio for h in history],
+        }
+    )
 
 
 def train_fold(
@@ -448,14 +496,11 @@ def train_fold(
     study's own).
 
     Returns the per-epoch history (the grid_history table)."""
-    fold_of = folds.set_index("idx")["fold"].reindex(train.idx).to_numpy()
-    if np.isnan(fold_of.astype(float)).any():
-        raise ValueError("the folds table does not cover every training image")
-    val_mask = torch.from_numpy(fold_of == fold)
-    key = task_seed(seed, "grid", lr, weight_decay, fold, *([repeat] if repeat else []))
-    model = build_autoencoder(size, key)
-    if output_bias_at_mean:
-        start_at_mean_intensity(model, train.images[~val_mask])
+    val_mask = validation_mask(train, folds, fold)
+    model, key = grid_model(
+        train.images[~val_mask], lr=lr, weight_decay=weight_decay, fold=fold, size=size,
+        seed=seed, repeat=repeat, output_bias_at_mean=output_bias_at_mean,
+    )  # fmt: skip
     history = fit(
         model,
         train.images[~val_mask],
@@ -472,18 +517,7 @@ def train_fold(
         device=device,
         options=options,
     )
-    return pd.DataFrame(
-        {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "fold": fold,
-            "epoch": [h.epoch for h in history],
-            "train_loss": [h.train_loss for h in history],
-            "val_loss": [h.eval_loss for h in history],
-            "output_spread": [h.output_spread for h in history],
-            "black_ratio": [h.black_ratio for h in history],
-        }
-    )
+    return grid_history_frame(lr, weight_decay, fold, history)
 
 
 def train_size(

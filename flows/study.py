@@ -36,6 +36,7 @@ from aemnist.config import (
     load_config,
     run_overrides,
 )
+from aemnist.jobs import FoldGroupJob, Job
 from aemnist.machine_slots import MachineSlots, slot_folder
 from aemnist.runtime import prepare_device, with_resolved_device
 from aemnist.storage import check_storage
@@ -47,7 +48,7 @@ from tasks.data import assign_folds, download
 from tasks.evaluation import evaluate_corruption, map_embedding
 from tasks.slots import machine_slots, set_training_slots
 from tasks.study import close_study, link_reused, open_study, publish_results, write_report
-from tasks.training import final_model, grid_fold, sweep_size
+from tasks.training import final_model, grid_fold, grid_stack, sweep_size
 
 DEFAULT_WORKDIR = "aemnist-runs"
 LOOPBACK = "127.0.0.1"
@@ -65,6 +66,14 @@ STAGE_TASKS: dict[str, Task[..., Any]] = {
     "embedding": map_embedding,
     "report": write_report,
 }
+
+# Jobs a stage's task does not run: the grid's stacked groups (runtime.stacked_cells).
+JOB_TASKS: dict[type, Task[..., Any]] = {FoldGroupJob: grid_stack}
+
+
+def task_for(stage: str, job: Job) -> Task[..., Any]:
+    return JOB_TASKS.get(type(job), STAGE_TASKS[stage])
+
 
 # The flow's parameters, typed so that Prefect validates them and the UI's custom-run form
 # offers the choices: the profiles and devices are the config's, the stages the plan's.
@@ -147,9 +156,12 @@ def task_runner_for(
     )
 
 
-def _producer(result: Any) -> str:
-    """The MLflow run that produced a task's result."""
-    return getattr(result, "run_id", "")
+def _producers(label: str, result: Any) -> dict[str, str]:
+    """The MLflow runs that produced a task's result, by their names: the task's own, or
+    each cell's of a stacked grid group (its tables by cell label)."""
+    if isinstance(result, dict):
+        return {cell: getattr(ref, "run_id", "") for cell, ref in result.items()}
+    return {label: getattr(result, "run_id", "")}
 
 
 def _await_stage(stage: str, futures: dict[str, PrefectFuture]) -> None:
@@ -201,13 +213,15 @@ def collect(ctx: Any, wave: dict[str, dict[str, PrefectFuture]]) -> dict[str, li
     for stage, futures in wave.items():
         results[stage] = [future.result() for future in futures.values()]
         reused = {
-            label: _producer(result)
+            run: producer
             for (label, future), result in zip(futures.items(), results[stage], strict=True)
             if future.state.name == "Cached"
+            for run, producer in _producers(label, result).items()
         }
         if reused:
+            cached = sum(future.state.name == "Cached" for future in futures.values())
             get_run_logger().info(
-                "[%s] %d/%d results reused from earlier runs", stage, len(reused), len(futures)
+                "[%s] %d/%d results reused from earlier runs", stage, cached, len(futures)
             )
             link_reused(ctx, reused)
     return results
@@ -225,7 +239,7 @@ def run_stages(study: plan.Study, runner: TaskRunner) -> str:
                 stage.name: {
                     job.label: submit_job(
                         runner,
-                        STAGE_TASKS[stage.name],
+                        task_for(stage.name, job),
                         stage,
                         job,
                         ctx,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import numpy as np
 import pandas as pd
@@ -11,10 +11,11 @@ from prefect import get_run_logger, task
 
 from aemnist.data import ImageSet, load_images
 from aemnist.faults import maybe_fail
-from aemnist.jobs import FoldJob, SizeJob
+from aemnist.jobs import FoldGroupJob, FoldJob, SizeJob
 from aemnist.model import Autoencoder, save_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, read_frame, write_table
+from aemnist.stacked import train_fold_group
 from aemnist.summaries import dead_epochs
 from aemnist.tracking import TaskRun, TrackingContext, release_model
 from aemnist.training import EpochCallback, EpochResult, evaluate, train_fold, train_size
@@ -107,6 +108,59 @@ def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
         run.log_artifact(ref.path, "tables")
         job.checkpoint.unlink(missing_ok=True)
     return ref.with_run(run.run_id)
+
+
+@task(
+    name="grid-stack",
+    task_run_name="{job.label}",
+    cache_policy=StageCache(stage="grid"),
+    persist_result=True,
+)
+def grid_stack(ctx: TrackingContext, job: FoldGroupJob) -> dict[str, TableRef]:
+    """Train grid cells of one fold at once (``runtime.stacked_cells``): each cell its own
+    MLflow run, per-epoch metrics and history table, as ``grid_fold`` gives it.
+
+    Returns each cell's table by its label."""
+    with training_slot(job.compute.slots), ExitStack() as stack:
+        runs = [
+            stack.enter_context(
+                tracked_run(ctx, cell.label, cell.params() | job.params(), cell.stage)
+            )
+            for cell in job.cells
+        ]
+        for run, cell in zip(runs, job.cells, strict=True):
+            run.log_inputs(cell.inputs())
+            maybe_fail(cell.stage, **cell.fault_key)
+        set_torch_threads(job.compute.threads)
+        first = job.first
+        histories = train_fold_group(
+            load_images(first.train.path, first.train_limit),
+            read_frame(first.folds.path, "folds"),
+            first.fold,
+            [(cell.lr, cell.weight_decay, cell.repeat) for cell in job.cells],
+            size=first.size,
+            epochs=first.epochs,
+            batch_size=first.training.batch_size,
+            seed=first.seed,
+            output_bias_at_mean=first.training.output_bias_at_mean,
+            eval_batch_size=first.training.eval_batch_size,
+            on_epoch=[
+                _epoch_logger(run, cell, "val_loss")
+                for run, cell in zip(runs, job.cells, strict=True)
+            ],
+            checkpoint=job.checkpoint,
+            resume_key=current_key(),
+            device=job.compute.device,
+            options=job.compute.options,
+        )
+        refs = {}
+        for run, cell, history in zip(runs, job.cells, histories, strict=True):
+            _log_dead_start(run, cell, history)
+            ref = write_table(history, cell.output, "grid_history")
+            run.log_artifact(ref.path, "tables")
+            refs[cell.label] = ref.with_run(run.run_id)
+        job.checkpoint.unlink(missing_ok=True)
+    return refs
 
 
 @contextmanager

@@ -124,3 +124,68 @@ def test_a_repeated_grid_carries_each_repeat_and_repeat_zero_keeps_its_name_path
     assert "repeats" not in fingerprint(one) and stage_key("grid-summary", one) != stage_key(
         "grid-summary", two
     )
+
+
+def test_stacked_cells_group_each_folds_cells_evenly_and_the_summary_reads_them_in_order(
+    tmp_path: Path,
+) -> None:
+    from aemnist.caching import stage_key
+    from aemnist.jobs import FoldGroupJob
+    from aemnist.schemas import TableRef
+    from aemnist.training import DEFAULT_OPTIONS
+    from flows.study import task_for
+    from tasks.training import grid_fold, grid_stack
+
+    # The paper's grid, 6 x 6 cells x 3 folds, twice: 72 cells a fold.
+    paper = load_config("paper", overrides={"runtime": {"device": "cpu"}, "grid": {"repeats": 2}})
+    ref = TableRef(str(tmp_path / "t.parquet"), "a" * 64, 10)
+    upstream = {"download": [{"train": ref, "test": ref}], "folds": [ref]}
+
+    def grid_jobs(stacked: int) -> list:
+        c = paper.with_overrides({"runtime": {"stacked_cells": stacked}})
+        resolved = plan.Study(c, plan.Layout(tmp_path), 2, 1, 2, DEFAULT_OPTIONS)
+        return plan.STAGES["grid"].jobs(resolved, upstream)
+
+    separate = grid_jobs(1)
+    by_label = {job.label: job for job in separate}
+    for most, sizes in ((36, [36, 36]), (32, [24, 24, 24]), (72, [72]), (500, [72])):
+        groups = grid_jobs(most)
+        assert all(isinstance(job, FoldGroupJob) for job in groups)
+        # Every cell exactly once, as its own job would be (so its table, MLflow run name and
+        # parameters are those of separate training), in groups of one fold each, as even as
+        # the limit allows.
+        cells = [cell for group in groups for cell in group.cells]
+        assert sorted(cell.label for cell in cells) == sorted(by_label)
+        assert all(cell == by_label[cell.label] for cell in cells)
+        for fold in range(3):
+            mine = [group for group in groups if group.first.fold == fold]
+            assert [len(group.cells) for group in mine] == sizes
+            assert {cell.fold for group in mine for cell in group.cells} == {fold}
+            assert [group.label for group in mine] == [
+                f"grid fold={fold} stack {i}/{len(sizes)}" for i in range(1, len(sizes) + 1)
+            ]
+        c = paper.with_overrides({"runtime": {"stacked_cells": most}})
+        assert [group.label for group in groups] == plan.STAGES["grid"].labels(c)
+        assert plan.STAGES["grid"].writes(groups[0]) == [cell.output for cell in groups[0].cells]
+        assert len({group.checkpoint for group in groups}) == len(groups)
+        assert task_for("grid", groups[0]) is grid_stack
+        # Table 1 reads one table a cell, in the order of separate training, whatever the
+        # groups returned them in.
+        results = {
+            **upstream,
+            "grid": [
+                {cell.label: TableRef(str(cell.output), "b" * 64, 1) for cell in group.cells}
+                for group in reversed(groups)
+            ],
+        }
+        (summary,) = plan.STAGES["grid-summary"].jobs(
+            plan.Study(c, plan.Layout(tmp_path), 2, 1, 2, DEFAULT_OPTIONS), results
+        )
+        assert [h.path for h in summary.histories] == [str(job.output) for job in separate]
+    assert task_for("grid", separate[0]) is grid_fold
+    # Stacked training rounds otherwise than separate training: it never reuses those keys.
+    stacked = grid_jobs(36)
+    assert stage_key("grid", stacked[0]) not in {stage_key("grid", job) for job in separate}
+    assert stage_key("grid", stacked[0]) == stage_key("grid", grid_jobs(36)[0])
+    with pytest.raises(ValueError, match="one fold"):
+        FoldGroupJob((separate[0], next(job for job in separate if job.fold == 1)))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
 import pytest
 import torch
 
-from aemnist.data import ImageSet, load_images
+from aemnist.data import ImageSet, load_images, make_folds
 from aemnist.model import build_autoencoder
 from aemnist.schemas import TableRef
-from aemnist.stacked import StackedAutoencoders, fit_stacked
-from aemnist.training import fit
+from aemnist.stacked import StackedAutoencoders, fit_stacked, train_fold_group
+from aemnist.training import EpochResult, fit, train_fold
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -67,6 +71,11 @@ def test_stacked_training_gives_each_model_what_separate_training_gives(
         for ours, theirs in zip(histories[k], history, strict=True):
             assert ours.train_loss == pytest.approx(theirs.train_loss, rel=RTOL)
             assert ours.eval_loss == pytest.approx(theirs.eval_loss, rel=RTOL)
+            assert ours.black_ratio == pytest.approx(theirs.black_ratio, rel=RTOL)
+            # A variance over the images (E[x^2] - E[x]^2 per pixel, in float64): cancellation
+            # can lift relative error by mean^2 / variance, here at most ~1e3 (measured
+            # spreads 0.005 to 0.1 of pixels whose mean is ~0.1), so still far under 1e-9.
+            assert ours.output_spread == pytest.approx(theirs.output_spread, rel=RTOL)
         for a, b in zip(models[k].parameters(), model.parameters(), strict=True):
             assert a.dtype == torch.float64
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
@@ -100,3 +109,82 @@ def test_models_of_different_sizes_or_training_counts_are_refused(images: ImageS
             [torch.arange(100), torch.arange(99)], [x[:10], x[:10]],
             lrs=[1e-3, 1e-3], weight_decays=[0.0, 0.0], seeds=[0, 1], epochs=1, batch_size=32,
         )  # fmt: skip
+
+
+def three_cells(x: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """The three cells of the tests above, as fit_stacked's arguments (but the models)."""
+    masks = fold_masks(len(x))
+    return masks, {
+        "images": x,
+        "train_index": [torch.nonzero(~m).squeeze(1) for m in masks],
+        "eval_images": [x[m] for m in masks],
+        "lrs": LRS,
+        "weight_decays": WDS,
+        "seeds": SEEDS,
+        "batch_size": 128,
+    }
+
+
+def test_each_models_epochs_reach_its_own_callback_in_order(images: ImageSet) -> None:
+    _, args = three_cells(images.images)
+    seen: list[list[EpochResult]] = [[], [], []]
+    histories = fit_stacked(
+        [build_autoencoder(6, seed) for seed in SEEDS], **args, epochs=2,
+        on_epoch=[seen[k].append for k in range(3)],
+    )  # fmt: skip
+    assert seen == histories
+    assert all(not h.resumed for h in seen[0])
+    with pytest.raises(ValueError, match="2 epoch callbacks for 3 models"):
+        fit_stacked(
+            [build_autoencoder(6, seed) for seed in SEEDS], **args, epochs=1,
+            on_epoch=[seen[0].append, seen[1].append],
+        )  # fmt: skip
+
+
+def test_a_resumed_stack_ends_exactly_where_an_uninterrupted_one_does(
+    images: ImageSet, tmp_path: Path
+) -> None:
+    # Bit-identity: the same computation on the same machine, so no tolerance.
+    _, args = three_cells(images.images)
+    straight_models = [build_autoencoder(6, seed) for seed in SEEDS]
+    straight = fit_stacked(straight_models, **args, epochs=3)
+
+    checkpoint = tmp_path / "stack.pt"
+    models = [build_autoencoder(6, seed) for seed in SEEDS]
+    fit_stacked(models, **args, epochs=2, checkpoint=checkpoint, resume_key="k")  # stopped
+    # A checkpoint of another key is ignored: that run starts over (and here goes 1 epoch).
+    other = fit_stacked(
+        [build_autoencoder(6, seed) for seed in SEEDS], **args, epochs=1,
+        checkpoint=tmp_path / "other.pt", resume_key="other",
+    )  # fmt: skip
+    assert [h.epoch for h in other[0]] == [1]
+    seen: list[list[EpochResult]] = [[], [], []]
+    fresh = [build_autoencoder(6, seed) for seed in SEEDS]  # as a new process builds them
+    resumed = fit_stacked(
+        fresh, **args, epochs=3, checkpoint=checkpoint, resume_key="k",
+        on_epoch=[seen[k].append for k in range(3)],
+    )  # fmt: skip
+
+    for k in range(3):
+        assert [h.resumed for h in seen[k]] == [True, True, False]
+        assert [dataclasses.replace(h, resumed=False) for h in resumed[k]] == straight[k]
+        for a, b in zip(fresh[k].parameters(), straight_models[k].parameters(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_a_fold_group_gives_each_cell_what_train_fold_gives_it(images: ImageSet) -> None:
+    # In float64 for RTOL's reason; the cells share fold 1 of a stratified 3-fold split, as
+    # the grid's stacked groups do, with two repeats of one setting among them.
+    x = dataclasses.replace(images, images=images.images.double())
+    folds = make_folds(x.idx, x.labels, 3, seed=0)
+    cells = [(1e-2, 1e-5, 0), (5e-3, 0.0, 0), (5e-3, 0.0, 1)]
+    common = {"size": 6, "epochs": 2, "batch_size": 128, "seed": 7, "output_bias_at_mean": True}
+
+    stacked = train_fold_group(x, folds, 1, cells, **common)
+
+    for (lr, wd, repeat), ours in zip(cells, stacked, strict=True):
+        alone = train_fold(x, folds, 1, lr=lr, weight_decay=wd, repeat=repeat, **common)
+        assert list(ours.columns) == list(alone.columns)
+        pd.testing.assert_frame_equal(ours, alone, check_exact=False, rtol=RTOL, atol=ATOL)
+    # Each cell trained from its own draw: the two repeats differ.
+    assert not stacked[1]["val_loss"].equals(stacked[2]["val_loss"])
