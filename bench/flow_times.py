@@ -23,7 +23,7 @@ STAGES = {
     "open study": ("open_study",),
     "download": ("download",),
     "folds": ("assign_folds",),
-    "grid": ("grid_fold",),
+    "grid": ("grid_fold", "grid_stack"),
     "grid summary": ("summarise_grid",),
     "sweep": ("sweep_size",),
     "sweep summary": ("summarise_sweep",),
