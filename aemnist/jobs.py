@@ -191,9 +191,16 @@ class FoldGroupJob:
     stage = "grid"
 
     def __post_init__(self) -> None:
-        folds = {(cell.fold, cell.train_limit, cell.size, cell.epochs) for cell in self.cells}
-        if not self.cells or len(folds) != 1:
-            raise ValueError("a stacked group holds cells of one fold, size and epoch count")
+        # The task trains every cell from the first one's tables, fold and training settings.
+        shared = {
+            (c.train, c.folds, c.train_limit, c.fold, c.size, c.epochs, c.training, c.seed)
+            for c in self.cells
+        }
+        if len(shared) != 1:
+            raise ValueError(
+                "a stacked group holds cells of one fold, tables, size, epoch count, training "
+                "settings and seed"
+            )
 
     @property
     def first(self) -> FoldJob:
