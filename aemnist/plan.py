@@ -196,8 +196,9 @@ def stacked_groups(config: StudyConfig) -> list[StackedGroup]:
     the config alone: a cell's float rounding may depend on the group it trains in, so a
     re-run groups it as before."""
     groups = []
+    every = grid_cells(config)
     for fold in range(config.grid.folds):
-        cells = [cell for cell in grid_cells(config) if cell[2] == fold]
+        cells = [cell for cell in every if cell[2] == fold]
         parts = -(-len(cells) // config.runtime.stacked_cells)
         step, extra = divmod(len(cells), parts)
         start = 0
