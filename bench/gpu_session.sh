@@ -18,9 +18,9 @@
 #
 # `run` reads: PROFILE (paper), DEVICE (cuda), CONFIG (default: bench/gpu_session.toml, the
 # grid with one seed, the sweep and final model with three, what fits the 15 minutes a session
-# has; or bench/gpu_session_stacked.toml, the grid stacked with three seeds, when a probe on the
-# GPU measures stacking at least STACK_GAIN (2) times faster; PROBE_MODELS runs that probe on
-# another device, with that many cells, for a rehearsal),
+# has; or bench/gpu_session_stacked.toml, the grid stacked with up to three seeds, as many as a
+# probe's stacked rate on the GPU fits in GRID_SECONDS (180; bench/gpu_session_choice.py);
+# PROBE_MODELS runs that probe on another device, with that many cells, for a rehearsal),
 # NODE_PYTHON (install into that Python instead of a new venv over the system's: for a
 # rehearsal on a CPU machine, see bench/README.md), and writes under $OUT: the exported run
 # (results/paper/, results/paper.md), the flow's output, its Prefect database (task-run
@@ -97,22 +97,19 @@ EOF
     config=${CONFIG:-$PWD/bench/gpu_session.toml}
     if [ -z "${CONFIG:-}" ] && { [ "${DEVICE:-cuda}" = cuda ] || [ -n "${PROBE_MODELS:-}" ]; }; then
         # Issue 14 point 7 first: 36 cells stacked against the same cells one after another on
-        # this GPU, one epoch each (about 30 s). The study trains its grid stacked, with three
-        # seeds instead of one, only where stacking measured at least STACK_GAIN (2) times
-        # faster: above the 1.7x that eight separate tasks sharing an H200 gained over one
-        # (250026 against 148574 images/s), which the flow's separate tasks would get.
+        # this GPU, one epoch each (about 30 s). bench/gpu_session_choice.py then takes the
+        # stacked grid with as many seeds (3, 2 or 1) as fit GRID_SECONDS (180, about what the
+        # separate grid's one seed took on the last H200) at the probe's stacked rate, counting
+        # no gain from tasks sharing the GPU; else the separate grid. A crashed probe: separate.
         start=$(date +%s)
         AEMNIST_MNIST_MIRROR=$stage_dir/mnist AEMNIST_BENCH_DIR=/tmp/aemnist-bench \
             "$python" bench/stacked.py --device "${DEVICE:-cuda}" --models "${PROBE_MODELS:-36}" \
             --epochs 1 --rounds 1 > "$run_dir/stacked-probe.log" 2>&1 || true
-        gain=$(tail -1 "$run_dir/stacked-probe.log" | "$python" -c \
-            'import json, sys; print(json.loads(sys.stdin.read()).get("ratio") or 0)' 2>/dev/null \
-            || echo 0)
-        if awk -v g="$gain" -v t="${STACK_GAIN:-2}" 'BEGIN { exit !(g >= t) }'; then
-            config=$PWD/bench/gpu_session_stacked.toml
-        fi
-        echo "stacked probe $(( $(date +%s) - start )) s: ratio $gain, study config $(basename "$config")" \
-            >> "$run_dir/times.txt"
+        config=$("$python" bench/gpu_session_choice.py "$run_dir/stacked-probe.log" \
+            --profile "${PROFILE:-paper}" --grid-seconds "${GRID_SECONDS:-180}" \
+            --separate "$config" --stacked "$PWD/bench/gpu_session_stacked.toml" \
+            --scratch "$run_dir" 2>> "$run_dir/times.txt") || config=$PWD/bench/gpu_session.toml
+        echo "stacked probe $(( $(date +%s) - start )) s, study config $config" >> "$run_dir/times.txt"
     fi
     # A call of the device tool lasts at most 600 s and the study may take longer: it runs
     # on in its own session (setsid) between calls, and `finish` collects it.
