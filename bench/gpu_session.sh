@@ -137,18 +137,21 @@ finish() {  # wait for the study (up to WAIT s, default 500), then bring everyth
     done
     cp "$run_dir"/*.log "$run_dir/times.txt" "$OUT/" 2>/dev/null || true
     [ -f "$run_dir/gpu.csv" ] && cp "$run_dir/gpu.csv" "$OUT/"
+    python=$(cat "$run_dir/python")
+    # The Prefect database by SQLite's backup (what is still in the write-ahead log comes too;
+    # a copy would lose it), also while the study runs on: should the device time end before
+    # it does, the finished stages' task-run times have come back (bench/flow_times.py).
+    "$python" -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
+        "$(find /tmp/aemnist-prefect "$workdir/server" -name prefect.db 2>/dev/null | head -1)" \
+        "$OUT/prefect.db" 2>/dev/null || true
+    # What the study ran on, for bench/flow_times.py (the study's parent run has it too).
+    PYTHONPATH=$PWD/bench "$python" -c "from common import machine; print(machine('${DEVICE:-cuda}'))" \
+        > "$OUT/machine.txt" 2>&1 || true
     if [ ! -f "$run_dir/exit" ]; then
         echo "still running after ${waited} s: call \`sh bench/gpu_session.sh finish\` again"
         tail -3 "$run_dir/run.log"; return 0
     fi
     [ "$(cat "$run_dir/exit")" = 0 ] || { tail -40 "$run_dir/run.log"; exit 1; }
-    python=$(cat "$run_dir/python")
-    # What the study ran on, for bench/flow_times.py (the study's parent run has it too).
-    PYTHONPATH=$PWD/bench "$python" -c "from common import machine; print(machine('${DEVICE:-cuda}'))" \
-        > "$OUT/machine.txt" 2>&1 || true
-    # SQLite's backup: what is still in the write-ahead log comes too (a copy would lose it).
-    "$python" -c "import sqlite3, sys; sqlite3.connect(sys.argv[1]).backup(sqlite3.connect(sys.argv[2]))" \
-        /tmp/aemnist-prefect/prefect.db "$OUT/prefect.db"
     mkdir -p "$OUT/results"
     start=$(date +%s)
     "$(dirname "$python")/aemnist" export --workdir "$workdir" \
