@@ -322,9 +322,11 @@ class RuntimeConfig(_Section):
     stacked_cells: int = Field(
         1,
         ge=1,
-        description="grid cells of one fold trained at once as one batched model, in one task "
-        "(aemnist.stacked): on a GPU N cells cost about the kernel launches of one; each cell "
-        "keeps its own MLflow run and table; 1 = every cell its own task",
+        description="training runs trained at once as one batched model, in one task "
+        "(aemnist.stacked): grid cells of one fold, and the sweep's sizes and seeds (the "
+        "narrower codes padded to the widest); on a GPU N runs cost about the kernel launches "
+        "of one; each run keeps its own MLflow run, table and learning-rate schedule; 1 = "
+        "every run its own task",
     )
     storage: Annotated[str, AfterValidator(_storage_url)] = Field(
         "",

@@ -46,6 +46,11 @@ def group_label(fold: int, part: int, parts: int) -> str:
     return f"grid fold={fold} stack {part}/{parts}"
 
 
+def sweep_group_label(part: int, parts: int) -> str:
+    """A stacked sweep task's name: which of the sweep's groups it is."""
+    return f"sweep stack {part}/{parts}"
+
+
 @dataclass(frozen=True)
 class TableUse:
     """A stage table a task reads and the split it takes from it: logged as a dataset input
@@ -177,30 +182,65 @@ class FoldJob:
 
 
 @dataclass(frozen=True)
-class FoldGroupJob:
-    """Grid cells of one fold trained at once as one batched model (aemnist.stacked), in one
-    task: ``runtime.stacked_cells`` > 1. Each cell keeps its own label (its MLflow run's
-    name), history table and parameters; the group has one checkpoint and one cache entry,
-    keyed by its cells."""
+class _CellGroup:
+    """Cells of one training stage trained at once as one batched model (aemnist.stacked),
+    in one task: ``runtime.stacked_cells`` > 1. Each cell keeps its own label (its MLflow
+    run's name), history table and parameters; the group has one checkpoint and one cache
+    entry, keyed by its cells."""
 
-    cells: tuple[FoldJob, ...]
-    # Which group of its fold (1-based) and of how many: its name only.
+    cells: tuple[Any, ...]
+    # Which group (1-based) and of how many: its name only.
     part: int = field(default=1, metadata={"key": False})
     parts: int = field(default=1, metadata={"key": False})
 
-    stage = "grid"
+    def _check_shared(self, shared: set[Any], what: str) -> None:
+        # The task trains every cell from the first one's tables and settings.
+        if len(shared) != 1:
+            raise ValueError(f"a stacked group holds cells of {what}")
+
+    @property
+    def stage(self) -> str:
+        return self.cells[0].stage
+
+    @property
+    def compute(self) -> Compute:
+        return self.cells[0].compute
+
+    @property
+    def epochs(self) -> int:
+        return self.cells[0].epochs
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.cells[0].layout.checkpoint(self.label)
+
+    @property
+    def label(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [cell.output for cell in self.cells]
+
+    def params(self) -> dict[str, Any]:
+        """What each cell's MLflow run records of the group it trained in."""
+        return {"stacked_with": len(self.cells), "stack": self.label}
+
+
+@dataclass(frozen=True)
+class FoldGroupJob(_CellGroup):
+    """Grid cells of one fold trained at once."""
+
+    cells: tuple[FoldJob, ...]
 
     def __post_init__(self) -> None:
-        # The task trains every cell from the first one's tables, fold and training settings.
-        shared = {
-            (c.train, c.folds, c.train_limit, c.fold, c.size, c.epochs, c.training, c.seed)
-            for c in self.cells
-        }
-        if len(shared) != 1:
-            raise ValueError(
-                "a stacked group holds cells of one fold, tables, size, epoch count, training "
-                "settings and seed"
-            )
+        self._check_shared(
+            {
+                (c.train, c.folds, c.train_limit, c.fold, c.size, c.epochs, c.training, c.seed)
+                for c in self.cells
+            },
+            "one fold, tables, size, epoch count, training settings and seed",
+        )
 
     @property
     def first(self) -> FoldJob:
@@ -210,25 +250,47 @@ class FoldGroupJob:
     def label(self) -> str:
         return group_label(self.first.fold, self.part, self.parts)
 
-    @property
-    def compute(self) -> Compute:
-        return self.first.compute
+
+@dataclass(frozen=True)
+class SizeGroupJob(_CellGroup):
+    """Sizes (and seeds) of the sweep trained at once, the narrower codes padded to the
+    widest: each with its own learning-rate schedule."""
+
+    cells: tuple[SizeJob, ...]
+
+    def __post_init__(self) -> None:
+        self._check_shared(
+            {
+                (
+                    c.stage,
+                    c.train,
+                    c.test,
+                    c.train_limit,
+                    c.test_limit,
+                    c.lr,
+                    c.weight_decay,
+                    c.epochs,
+                    c.plateau_patience,
+                    c.selection,
+                    c.validation_images,
+                    c.training,
+                    c.seed,
+                )
+                for c in self.cells
+            },  # fmt: skip
+            "the sweep with one learning rate, weight decay, epoch count, schedule, "
+            "selection, training settings and seed",
+        )
+        if self.cells[0].stage != "sweep":
+            raise ValueError("only the sweep's sizes train stacked")
 
     @property
-    def epochs(self) -> int:
-        return self.first.epochs
+    def first(self) -> SizeJob:
+        return self.cells[0]
 
     @property
-    def checkpoint(self) -> Path:
-        return self.first.layout.checkpoint(self.label)
-
-    @property
-    def outputs(self) -> list[Path]:
-        return [cell.output for cell in self.cells]
-
-    def params(self) -> dict[str, Any]:
-        """What each cell's MLflow run records of the group it trained in."""
-        return {"stacked_with": len(self.cells), "stack": self.label}
+    def label(self) -> str:
+        return sweep_group_label(self.part, self.parts)
 
 
 @dataclass(frozen=True)
@@ -261,6 +323,11 @@ class SizeJob:
     @property
     def checkpoint(self) -> Path:
         return self.layout.checkpoint(self.label)
+
+    @property
+    def output(self) -> Path:
+        """A sweep task's history table (a final task writes the files plan.STAGES names)."""
+        return self.layout.sweep_history(self.size, self.repeat)
 
     @property
     def fault_key(self) -> dict[str, Any]:
@@ -344,6 +411,7 @@ Job = (
     | FoldJob
     | FoldGroupJob
     | SizeJob
+    | SizeGroupJob
     | SummaryJob
     | CorruptionJob
     | EmbeddingJob

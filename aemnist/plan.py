@@ -32,11 +32,13 @@ from aemnist.jobs import (
     FoldsJob,
     Job,
     ReportJob,
+    SizeGroupJob,
     SizeJob,
     SummaryJob,
     grid_label,
     group_label,
     size_label,
+    sweep_group_label,
 )
 from aemnist.layout import Layout
 
@@ -189,6 +191,19 @@ class StackedGroup:
         return group_label(self.cells[0][2], self.part, self.parts)
 
 
+def even_groups(cells: Sequence[Any], most: int) -> list[list[Any]]:
+    """``cells`` in order, split into as few groups of at most ``most`` as hold them, their
+    sizes as even as can be."""
+    parts = -(-len(cells) // most)
+    step, extra = divmod(len(cells), parts)
+    groups, start = [], 0
+    for part in range(parts):
+        end = start + step + (part < extra)
+        groups.append(list(cells[start:end]))
+        start = end
+    return groups
+
+
 def stacked_groups(config: StudyConfig) -> list[StackedGroup]:
     """The grid's cells as ``runtime.stacked_cells`` groups them: the cells of each fold (in
     ``grid_cells`` order; one fold's cells train on equally many images), split into as few
@@ -198,15 +213,15 @@ def stacked_groups(config: StudyConfig) -> list[StackedGroup]:
     groups = []
     every = grid_cells(config)
     for fold in range(config.grid.folds):
-        cells = [cell for cell in every if cell[2] == fold]
-        parts = -(-len(cells) // config.runtime.stacked_cells)
-        step, extra = divmod(len(cells), parts)
-        start = 0
-        for part in range(parts):
-            end = start + step + (part < extra)
-            groups.append(StackedGroup(cells[start:end], part + 1, parts))
-            start = end
+        split = even_groups([c for c in every if c[2] == fold], config.runtime.stacked_cells)
+        groups += [StackedGroup(cells, i, len(split)) for i, cells in enumerate(split, start=1)]
     return groups
+
+
+def sweep_groups(config: StudyConfig) -> list[list[tuple[int, int]]]:
+    """The sweep's (size, repeat) cells as ``runtime.stacked_cells`` groups them, in
+    ``sweep_cells`` order (all train on the same images), as ``stacked_groups`` does."""
+    return even_groups(sweep_cells(config), config.runtime.stacked_cells)
 
 
 def _grid_labels(config: StudyConfig) -> list[str]:
@@ -250,7 +265,7 @@ def _grid_writes(job: FoldJob | FoldGroupJob) -> list[Path]:
 def task_result(job: Job, refs: Sequence[TableRef]) -> Any:
     """What ``job``'s task returns, from the refs of the files it wrote (its stage's
     ``writes``, in order): a stacked group's tables by cell label, else the first file's."""
-    if isinstance(job, FoldGroupJob):
+    if isinstance(job, (FoldGroupJob, SizeGroupJob)):
         return {cell.label: ref for cell, ref in zip(job.cells, refs, strict=True)}
     return refs[0]
 
@@ -269,11 +284,38 @@ def _size_job(
 
 
 def _sweep(study: Study, results: Results) -> list[Job]:
-    epochs = study.config.sweep.epochs
+    c = study.config
+
+    def size_job(size: int, repeat: int) -> SizeJob:
+        return _size_job(study, results, "sweep", size, repeat, c.sweep.epochs, study.threads)
+
+    if c.runtime.stacked_cells == 1:
+        return [size_job(*cell) for cell in sweep_cells(c)]
+    groups = sweep_groups(c)
     return [
-        _size_job(study, results, "sweep", size, repeat, epochs, study.threads)
-        for size, repeat in sweep_cells(study.config)
+        SizeGroupJob(tuple(size_job(*cell) for cell in cells), part, len(groups))
+        for part, cells in enumerate(groups, start=1)
     ]
+
+
+def _sweep_labels(config: StudyConfig) -> list[str]:
+    if config.runtime.stacked_cells == 1:
+        return [size_label("sweep", *cell) for cell in sweep_cells(config)]
+    groups = sweep_groups(config)
+    return [sweep_group_label(part, len(groups)) for part in range(1, len(groups) + 1)]
+
+
+def sweep_histories(config: StudyConfig, results: Results) -> list[TableRef]:
+    """The sweep stage's history tables, one a (size, repeat), in ``sweep_cells`` order, as
+    ``grid_histories`` gives the grid's."""
+    if config.runtime.stacked_cells == 1:
+        return list(results["sweep"])
+    by_label = {label: ref for group in results["sweep"] for label, ref in group.items()}
+    return [by_label[size_label("sweep", *cell)] for cell in sweep_cells(config)]
+
+
+def _sweep_writes(job: SizeJob | SizeGroupJob) -> list[Path]:
+    return job.outputs if isinstance(job, SizeGroupJob) else [job.output]
 
 
 def _final(study: Study, results: Results) -> list[Job]:
@@ -298,7 +340,10 @@ def _grid_summary(study: Study, results: Results) -> list[Job]:
 def _sweep_summary(study: Study, results: Results) -> list[Job]:
     return [
         SummaryJob(
-            "sweep-summary", study.layout, tuple(results["sweep"]), study.config.sweep.score_last
+            "sweep-summary",
+            study.layout,
+            tuple(sweep_histories(study.config, results)),
+            study.config.sweep.score_last,
         )
     ]
 
@@ -343,7 +388,7 @@ def _report(study: Study, results: Results) -> list[Job]:
     c = study.config
     if c.grid.repeats > 1 or c.sweep.repeats > 1:
         # Several seeds: the report reads each seed's own best from the histories.
-        tables += [*grid_histories(c, results), *results["sweep"]]
+        tables += [*grid_histories(c, results), *sweep_histories(c, results)]
     return [ReportJob(study.config, study.layout, tuple(tables))]
 
 
@@ -384,9 +429,9 @@ STAGES: dict[str, Stage] = {
             labels=_one("grid summary"),
         ),
         Stage(
-            "sweep", ("download", "grid-summary"), ("sweep_history",), ("aemnist.training",),
-            _sweep, writes=lambda job: [job.layout.sweep_history(job.size, job.repeat)],
-            labels=lambda config: [size_label("sweep", *cell) for cell in sweep_cells(config)],
+            "sweep", ("download", "grid-summary"), ("sweep_history",),
+            ("aemnist.training", "aemnist.stacked"), _sweep, writes=_sweep_writes,
+            labels=_sweep_labels,
         ),
         Stage(
             "sweep-summary", ("sweep",), ("sweep_summary",),

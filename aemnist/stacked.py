@@ -1,15 +1,16 @@
 """Several autoencoders of one architecture trained at once, as one batched model.
 
-Each model keeps its own parameters, learning rate, weight decay, initial weights and
-shuffling order; one step runs them all through grouped convolutions and batched matrix
-products (model k sees its own batch in input channel k), and torch's Adam updates each
-model's parameters as a group of its own. The arithmetic per model is the one
+Each model keeps its own parameters, learning rate, weight decay, initial weights,
+shuffling order and, where asked, learning-rate schedule; one step runs them all through
+grouped convolutions and batched matrix products (model k sees its own batch in input
+channel k), and an Adam of its own updates each model. The arithmetic per model is the one
 ``aemnist.training.fit`` does; only the kernels that carry it differ (grouped instead of
 single convolutions), so results agree with separate training to float rounding.
 
-The grid stage trains its cells this way when ``runtime.stacked_cells`` > 1
-(``train_fold_group``): on a GPU this small model is bound by kernel launches, and N stacked
-models cost about the launches of one.
+The grid and the sweep train their cells this way when ``runtime.stacked_cells`` > 1
+(``train_fold_group``, ``train_size_group``; the sweep's sizes padded to the widest): on a
+GPU this small model is bound by kernel launches, and N stacked models cost about the
+launches of one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from aemnist.training import (
     loss_and_spread,
     pixel_spread,
     save_training_state,
+    size_history_frame,
+    size_model,
+    size_split,
     task_stream,
     validation_mask,
 )
@@ -47,14 +51,31 @@ _UPSAMPLE = {"stride": 2, "padding": 1, "output_padding": 1}
 class StackedAutoencoders(nn.Module):
     """``models`` side by side: input (batch, n_models, 28, 28), output the same shape,
     model k reading and writing channel k. The models' own parameters are used (joined
-    for each step), so training this trains them."""
+    for each step), so training this trains them.
+
+    Models of other encoding sizes (the sweep's) are padded to the widest: the code layer's
+    extra rows and the decoder's extra input columns are zeros, constants outside the
+    models, so each padded code unit is exactly 0 and adds exactly 0; no gradient reaches
+    them, and each model computes what it computes alone (the matrix products sum over a
+    wider row, so to float rounding)."""
 
     def __init__(self, models: Sequence[Autoencoder]) -> None:
         super().__init__()
-        sizes = {m.size for m in models}
-        if len(sizes) != 1:
-            raise ValueError(f"stacked models must share one encoding size, got {sorted(sizes)}")
         self.models = nn.ModuleList(models)
+        self.sizes = [m.size for m in models]
+        self.width = max(self.sizes)
+        hidden = models[0].encoder.linear[3].in_features
+        dtype = models[0].encoder.linear[3].weight.dtype
+        # Per model, the zero rows that widen its code layer (none for the widest); buffers,
+        # so that they move to the device with the models.
+        for k, size in enumerate(self.sizes):
+            self.register_buffer(
+                f"pad_{k}", torch.zeros(self.width - size, hidden, dtype=dtype), persistent=False
+            )
+
+    @property
+    def padded(self) -> bool:
+        return len(set(self.sizes)) > 1
 
     def _joined(self, pick: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``pick`` of every model, weights and biases joined along the channels."""
@@ -74,6 +95,36 @@ class StackedAutoencoders(nn.Module):
         bias = torch.stack([a.bias for a in layers]).unsqueeze(1)
         return torch.baddbmm(bias, h, weight)
 
+    def _pads(self) -> list[torch.Tensor]:
+        return [self.get_buffer(f"pad_{k}") for k in range(len(self.models))]
+
+    def _encode(self, h: torch.Tensor) -> torch.Tensor:
+        """The code layer, widened to ``width`` by zero rows where sizes differ."""
+        if not self.padded:
+            return self._linear(h, "encoder.linear.3")
+        n, layers = len(self.models), [m.encoder.linear[3] for m in self.models]
+        pads = self._pads()
+        # One cat for all models (one kernel): model k's weight rows, then its zero rows.
+        weight = torch.cat(
+            [t for a, pad in zip(layers, pads, strict=True) for t in (a.weight, pad)]
+        )
+        bias = torch.cat(
+            [t for a, pad in zip(layers, pads, strict=True) for t in (a.bias, pad[:, 0])]
+        )
+        weight = weight.view(n, self.width, -1).transpose(1, 2)
+        return torch.baddbmm(bias.view(n, 1, self.width), h, weight)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder's first layer, reading ``width`` code units (the padded ones zero)."""
+        if not self.padded:
+            return self._linear(z, "decoder.linear.0")
+        n, layers = len(self.models), [m.decoder.linear[0] for m in self.models]
+        weight = torch.cat(
+            [t for a, pad in zip(layers, self._pads(), strict=True) for t in (a.weight.t(), pad)]
+        ).view(n, self.width, -1)
+        bias = torch.stack([a.bias for a in layers]).unsqueeze(1)
+        return torch.baddbmm(bias, z, weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, n = x.shape[0], len(self.models)
         h = F.relu(self._conv(x, "encoder.conv.0", stride=2, padding=1))
@@ -82,8 +133,8 @@ class StackedAutoencoders(nn.Module):
         # (batch, n*32, 3, 3) -> (n, batch, 288): each model's flattening order (c, y, x)
         h = h.reshape(batch, n, -1).transpose(0, 1)
         h = F.relu(self._linear(h, "encoder.linear.1"))
-        z = self._linear(h, "encoder.linear.3")
-        h = F.relu(self._linear(z, "decoder.linear.0"))
+        z = self._encode(h)
+        h = F.relu(self._decode(z))
         h = F.relu(self._linear(h, "decoder.linear.2"))
         h = h.transpose(0, 1).reshape(batch, n * 32, 3, 3)
         h = F.relu(self._deconv(h, "decoder.deconv.0", stride=2))
@@ -92,11 +143,15 @@ class StackedAutoencoders(nn.Module):
         return torch.sigmoid(out)
 
 
+Scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau
+
+
 def _resume(
     checkpoint: Path | None,
     resume_key: str | None,
     models: Sequence[Autoencoder],
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Scheduler | None],
     generators: Sequence[torch.Generator],
 ) -> list[list[EpochResult]]:
     """Each model's finished epochs in ``checkpoint`` if it was written under ``resume_key``
@@ -105,11 +160,21 @@ def _resume(
     if checkpoint is None or resume_key is None or not checkpoint.exists():
         return [[] for _ in models]
     state = load_training_state(checkpoint)
-    if state is None or state.get("key") != resume_key or len(state["models"]) != len(models):
+    # (A checkpoint of one optimiser for all models, as written before the sweep stacked,
+    # has no "optimizers": it is not resumed.)
+    if (
+        state is None
+        or state.get("key") != resume_key
+        or len(state.get("optimizers", ())) != len(models)
+    ):
         return [[] for _ in models]
     for model, weights in zip(models, state["models"], strict=True):
         model.load_state_dict(weights)
-    optimizer.load_state_dict(state["optimizer"])
+    for optimizer, saved in zip(optimizers, state["optimizers"], strict=True):
+        optimizer.load_state_dict(saved)
+    for scheduler, saved in zip(schedulers, state["schedulers"], strict=True):
+        if scheduler is not None:
+            scheduler.load_state_dict(saved)
     for generator, saved in zip(generators, state["generators"], strict=True):
         generator.set_state(saved)
     # state["history"][epoch][model] is [epoch, train loss, eval loss, lr, spread, black ratio].
@@ -123,7 +188,8 @@ def _save_checkpoint(
     checkpoint: Path,
     resume_key: str,
     models: Sequence[Autoencoder],
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
+    schedulers: Sequence[Scheduler | None],
     generators: Sequence[torch.Generator],
     histories: Sequence[Sequence[EpochResult]],
 ) -> None:
@@ -134,7 +200,8 @@ def _save_checkpoint(
         {
             "key": resume_key,
             "models": [m.state_dict() for m in models],
-            "optimizer": optimizer.state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() if s is not None else None for s in schedulers],
             "generators": [g.get_state() for g in generators],
             "history": [
                 [
@@ -158,6 +225,7 @@ def fit_stacked(
     seeds: Sequence[int],
     epochs: int,
     batch_size: int,
+    plateau_patience: int | None = None,
     eval_batch_size: int = 2048,
     on_epoch: Sequence[EpochCallback] | None = None,
     checkpoint: Path | None = None,
@@ -169,7 +237,13 @@ def fit_stacked(
     at ``lrs[k]`` and ``weight_decays[k]``, its batches drawn as ``fit`` draws them from
     ``seeds[k]``; evaluated on ``eval_images[k]`` after each epoch (loss, output spread and
     black ratio, as ``fit`` reports them), each result passed to ``on_epoch[k]``. Every model
-    must see the same number of training images (one step count).
+    must see the same number of training images (one step count); their encoding sizes may
+    differ (``StackedAutoencoders`` pads them).
+
+    With ``plateau_patience`` each model's learning rate follows a ReduceLROnPlateau of its
+    own on its own evaluation loss, as ``fit``'s does: each model has its own Adam (torch
+    steps an optimiser's parameter groups one by one anyway, so this costs what one with a
+    group per model does).
 
     With ``checkpoint`` the whole state (models, optimiser, shuffling RNGs, histories) is
     saved after every epoch; a later call with the same ``resume_key`` continues from the
@@ -189,15 +263,18 @@ def fit_stacked(
     prepare_device(dev.type)
     with task_stream(dev):
         stacked = StackedAutoencoders(models).to(dev)
-        optimizer = torch.optim.Adam(
-            [
-                {"params": list(m.parameters()), "lr": lr, "weight_decay": wd}
-                for m, lr, wd in zip(models, lrs, weight_decays, strict=True)
-            ],
-            fused=options.fused_adam,
-        )
+        optimizers = [
+            torch.optim.Adam(m.parameters(), lr=lr, weight_decay=wd, fused=options.fused_adam)
+            for m, lr, wd in zip(models, lrs, weight_decays, strict=True)
+        ]
+        schedulers = [
+            Scheduler(optimizer, patience=plateau_patience)
+            if plateau_patience is not None
+            else None
+            for optimizer in optimizers
+        ]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        histories = _resume(checkpoint, resume_key, models, optimizer, generators)
+        histories = _resume(checkpoint, resume_key, models, optimizers, schedulers, generators)
         if on_epoch is not None:
             for callback, history in zip(on_epoch, histories, strict=True):
                 for result in history:
@@ -209,6 +286,7 @@ def fit_stacked(
         blacks = [float(e.double().square().mean()) for e in evals]
         for epoch in range(len(histories[0]) + 1, epochs + 1):
             stacked.train()
+            current_lrs = [float(o.param_groups[0]["lr"]) for o in optimizers]
             # Row i holds each model's i-th image of this epoch; the orders are drawn on the
             # CPU from each model's own generator, as fit draws them.
             orders = torch.stack(
@@ -223,21 +301,25 @@ def fit_stacked(
                 rows = orders[start : start + batch_size]
                 batch = flat[rows].reshape(rows.shape[0], len(models), 28, 28)
                 per_model = F.mse_loss(stacked(batch), batch, reduction="none").mean(dim=(0, 2, 3))
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
                 # Each model's gradient is that of its own mean loss: the sum couples nothing.
                 per_model.sum().backward()
-                optimizer.step()
+                for optimizer in optimizers:
+                    optimizer.step()
                 totals += per_model.detach().double() * rows.shape[0]
             train_losses = (totals / count).tolist()  # one host sync per epoch
             results = []
             for k, model in enumerate(models):
                 eval_loss, spread = loss_and_spread(model, evals[k], eval_batch_size, spreads[k])
+                if schedulers[k] is not None:
+                    schedulers[k].step(eval_loss)
                 results.append(
                     EpochResult(
                         epoch,
                         train_losses[k],
                         eval_loss,
-                        float(lrs[k]),
+                        current_lrs[k],
                         False,
                         spread,
                         eval_loss / blacks[k],
@@ -246,7 +328,9 @@ def fit_stacked(
             for history, result in zip(histories, results, strict=True):
                 history.append(result)
             if checkpoint is not None and resume_key is not None:
-                _save_checkpoint(checkpoint, resume_key, models, optimizer, generators, histories)
+                _save_checkpoint(
+                    checkpoint, resume_key, models, optimizers, schedulers, generators, histories
+                )
             if on_epoch is not None:
                 for callback, result in zip(on_epoch, results, strict=True):
                     callback(result)
@@ -318,4 +402,68 @@ def train_fold_group(
     return [
         grid_history_frame(lr, wd, fold, history)
         for (lr, wd, _), history in zip(cells, histories, strict=True)
+    ]
+
+
+def train_size_group(
+    train: ImageSet,
+    test: ImageSet,
+    cells: Sequence[tuple[int, int]],
+    *,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    plateau_patience: int,
+    batch_size: int,
+    seed: int,
+    stage: str = "sweep",
+    selection: str = "test",
+    validation_images: int = 10000,
+    output_bias_at_mean: bool = False,
+    eval_batch_size: int = 2048,
+    on_epoch: Sequence[EpochCallback] | None = None,
+    checkpoint: Path | None = None,
+    resume_key: str | None = None,
+    device: str = "cpu",
+    options: TrainingOptions = DEFAULT_OPTIONS,
+) -> list[pd.DataFrame]:
+    """Sizes of the sweep trained at once: each of ``cells`` (size, repeat) from the initial
+    weights and batch order ``aemnist.training.train_size`` gives it, on the same images,
+    each with its own ReduceLROnPlateau, so that each history agrees with that size's own
+    ``train_size`` to float rounding.
+
+    Returns each cell's per-epoch history (the sweep_history table), in ``cells``' order."""
+    fit_images, eval_images = size_split(train, test, selection, validation_images, seed)
+    drawn = [
+        size_model(
+            fit_images,
+            size=size,
+            seed=seed,
+            stage=stage,
+            repeat=repeat,
+            output_bias_at_mean=output_bias_at_mean,
+        )  # fmt: skip
+        for size, repeat in cells
+    ]
+    histories = fit_stacked(
+        [model for model, _ in drawn],
+        fit_images,
+        [torch.arange(fit_images.shape[0])] * len(cells),
+        [eval_images] * len(cells),
+        lrs=[lr] * len(cells),
+        weight_decays=[weight_decay] * len(cells),
+        seeds=[key for _, key in drawn],
+        epochs=epochs,
+        batch_size=batch_size,
+        plateau_patience=plateau_patience,
+        eval_batch_size=eval_batch_size,
+        on_epoch=on_epoch,
+        checkpoint=checkpoint,
+        resume_key=resume_key,
+        device=device,
+        options=options,
+    )
+    return [
+        size_history_frame(size, repeat, selection, history)
+        for (size, repeat), history in zip(cells, histories, strict=True)
     ]

@@ -520,6 +520,60 @@ def train_fold(
     return grid_history_frame(lr, weight_decay, fold, history)
 
 
+def size_split(
+    train: ImageSet, test: ImageSet, selection: str, validation_images: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images a sweep or final task trains on and those it scores each epoch on: the
+    whole training set and the test set, or (``selection`` "validation") the training set
+    less ``validation_images`` held out of it (stratified, seeded) and those."""
+    if selection == "validation":
+        held = torch.from_numpy(holdout_mask(train.labels, validation_images, seed))
+        return train.images[~held], train.images[held]
+    return train.images, test.images
+
+
+def size_model(
+    fit_images: torch.Tensor,
+    *,
+    size: int,
+    seed: int,
+    stage: str = "sweep",
+    repeat: int = 0,
+    output_bias_at_mean: bool = False,
+) -> tuple[Autoencoder, int]:
+    """A sweep or final task's untrained model and the seed of its batch order, both drawn
+    from the task itself (as ``grid_model`` does for a grid cell): trained alone
+    (``train_size``) or stacked (``aemnist.stacked.train_size_group``), a size starts from
+    the same weights. The model takes the images' dtype."""
+    key = task_seed(seed, stage, size, *([repeat] if repeat else []))
+    model = build_autoencoder(size, key).to(fit_images.dtype)
+    if output_bias_at_mean:
+        start_at_mean_intensity(model, fit_images)
+    return model, key
+
+
+def size_history_frame(
+    size: int, repeat: int, selection: str, history: list[EpochResult]
+) -> pd.DataFrame:
+    """A sweep or final task's per-epoch history as the sweep_history table holds it: the
+    scored loss in the column its ``selection`` names, the other left empty."""
+    scores = [h.eval_loss for h in history]
+    unscored = [float("nan")] * len(history)
+    return pd.DataFrame(
+        {
+            "size": size,
+            "repeat": repeat,
+            "epoch": [h.epoch for h in history],
+            "lr": [h.lr for h in history],
+            "train_loss": [h.train_loss for h in history],
+            "test_loss": scores if selection == "test" else unscored,
+            "val_loss": scores if selection == "validation" else unscored,
+            "output_spread": [h.output_spread for h in history],
+            "black_ratio": [h.black_ratio for h in history],
+        }
+    )
+
+
 def train_size(
     train: ImageSet,
     test: ImageSet,
@@ -549,15 +603,11 @@ def train_size(
     ``repeat`` > 0 draws other initial weights and batches (repeat 0: the study's own).
 
     Returns the model and its per-epoch history (the sweep_history table)."""
-    key = task_seed(seed, stage, size, *([repeat] if repeat else []))
-    model = build_autoencoder(size, key)
-    if selection == "validation":
-        held = torch.from_numpy(holdout_mask(train.labels, validation_images, seed))
-        fit_images, eval_images = train.images[~held], train.images[held]
-    else:
-        fit_images, eval_images = train.images, test.images
-    if output_bias_at_mean:
-        start_at_mean_intensity(model, fit_images)
+    fit_images, eval_images = size_split(train, test, selection, validation_images, seed)
+    model, key = size_model(
+        fit_images, size=size, seed=seed, stage=stage, repeat=repeat,
+        output_bias_at_mean=output_bias_at_mean,
+    )  # fmt: skip
     history = fit(
         model,
         fit_images,
@@ -576,19 +626,4 @@ def train_size(
         options=options,
     )
     model.eval()
-    scores = [h.eval_loss for h in history]
-    unscored = [float("nan")] * len(history)
-    frame = pd.DataFrame(
-        {
-            "size": size,
-            "repeat": repeat,
-            "epoch": [h.epoch for h in history],
-            "lr": [h.lr for h in history],
-            "train_loss": [h.train_loss for h in history],
-            "test_loss": scores if selection == "test" else unscored,
-            "val_loss": scores if selection == "validation" else unscored,
-            "output_spread": [h.output_spread for h in history],
-            "black_ratio": [h.black_ratio for h in history],
-        }
-    )
-    return model, frame
+    return model, size_history_frame(size, repeat, selection, history)

@@ -25,7 +25,7 @@ STAGES = {
     "folds": ("assign_folds",),
     "grid": ("grid_fold", "grid_stack"),
     "grid summary": ("summarise_grid",),
-    "sweep": ("sweep_size",),
+    "sweep": ("sweep_size", "sweep_stack"),
     "sweep summary": ("summarise_sweep",),
     "final": ("final_model",),
     "corruption": ("evaluate_corruption",),

@@ -18,8 +18,9 @@
 #
 # `run` reads: PROFILE (paper), DEVICE (cuda), CONFIG (default: bench/gpu_session.toml, the
 # grid with one seed, the sweep and final model with three, what fits the 15 minutes a session
-# has; or bench/gpu_session_stacked.toml, the grid stacked with up to three seeds, as many as a
-# probe's stacked rate on the GPU fits in GRID_SECONDS (180; bench/gpu_session_choice.py);
+# has; or bench/gpu_session_stacked.toml, the grid and the sweep stacked, the grid with up to
+# three seeds, as many as a probe's stacked rate on the GPU fits, with the sweep, in
+# TRAIN_SECONDS (310; bench/gpu_session_choice.py);
 # PROBE_MODELS runs that probe on another device, with that many cells, for a rehearsal),
 # NODE_PYTHON (install into that Python instead of a new venv over the system's: for a
 # rehearsal on a CPU machine, see bench/README.md), and writes under $OUT: the exported run
@@ -98,15 +99,16 @@ EOF
     if [ -z "${CONFIG:-}" ] && { [ "${DEVICE:-cuda}" = cuda ] || [ -n "${PROBE_MODELS:-}" ]; }; then
         # Issue 14 point 7 first: 36 cells stacked against the same cells one after another on
         # this GPU, one epoch each (about 30 s). bench/gpu_session_choice.py then takes the
-        # stacked grid with as many seeds (3, 2 or 1) as fit GRID_SECONDS (180, about what the
-        # separate grid's one seed took on the last H200) at the probe's stacked rate, counting
-        # no gain from tasks sharing the GPU; else the separate grid. A crashed probe: separate.
+        # stacked config (grid and sweep) with as many grid seeds (3, 2 or 1) as fit, with the
+        # sweep, in TRAIN_SECONDS (310: the separate config's training on the last H200, its
+        # grid 162 s and about 3 x 50 s for its sweep) at the probe's stacked rate, counting no
+        # gain from tasks sharing the GPU; else the separate config. A crashed probe: separate.
         start=$(date +%s)
         AEMNIST_MNIST_MIRROR=$stage_dir/mnist AEMNIST_BENCH_DIR=/tmp/aemnist-bench \
             "$python" bench/stacked.py --device "${DEVICE:-cuda}" --models "${PROBE_MODELS:-36}" \
             --epochs 1 --rounds 1 > "$run_dir/stacked-probe.log" 2>&1 || true
         config=$("$python" bench/gpu_session_choice.py "$run_dir/stacked-probe.log" \
-            --profile "${PROFILE:-paper}" --grid-seconds "${GRID_SECONDS:-180}" \
+            --profile "${PROFILE:-paper}" --train-seconds "${TRAIN_SECONDS:-310}" \
             --separate "$config" --stacked "$PWD/bench/gpu_session_stacked.toml" \
             --scratch "$run_dir" 2>> "$run_dir/times.txt") || config=$PWD/bench/gpu_session.toml
         echo "stacked probe $(( $(date +%s) - start )) s, study config $config" >> "$run_dir/times.txt"

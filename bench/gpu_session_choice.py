@@ -1,20 +1,24 @@
 """Which config bench/gpu_session.sh runs on the lent GPU, from the stacking probe's figure.
 
 The probe (``bench/stacked.py --models 36 --epochs 1 --rounds 1``) ends with one JSON line:
-``value`` is the training images/s of 36 grid cells stacked in one task. The separate grid
-(``bench/gpu_session.toml``, one seed, 108 fold tasks eight at a time) took 162 s of compute
-on the last H200; the stacked grid runs where its seeds fit a grid budget of about that
-(``--grid-seconds``, 180): seeds = the most of 3, 2, 1 whose image-steps at the probe's rate
-fit it. Pessimistic on purpose: it credits the stacked tasks that share the GPU nothing over
-one task alone, so that a stacked grid never makes the session's one study longer than the
-separate one it replaces (a ratio of 2 over cells trained one after another, the threshold
-before, would have let three seeds take about 550 s where one took 162). No figure (the probe
-failed or never ran), or a rate at which not even one seed fits: the separate grid.
+``value`` is the training images/s of 36 grid cells stacked in one task. The separate config
+(``bench/gpu_session.toml``: the grid with one seed, 108 fold tasks, and the sweep with three,
+30 tasks, eight at a time) trains in about 310 s on an H200 (the last one lent: 162 s for the
+grid's seed, 50 s for the sweep's one). The stacked config (the grid's and the sweep's cells
+stacked: ``bench/gpu_session_stacked.toml``) runs where its training fits that budget
+(``--train-seconds``, 310) at the probe's rate, with as many grid seeds (3, 2 or 1) as fit,
+the sweep's three seeds counted in. Pessimistic on purpose: it credits stacked tasks that
+share the GPU nothing over one task alone, so that the stacked config never makes the
+session's one study longer than the separate one it replaces (a ratio of 2 over cells
+trained one after another, the rule before, would have let three grid seeds take about 550 s
+where one took 162). No figure (the probe failed or never ran), or a rate at which not even
+one grid seed fits: the separate config.
 
-Prints the config file to run: the stacked one as committed (three seeds), or a copy of it in
-``--scratch`` with fewer grid seeds, or the separate one; and one line on stderr saying why.
+Prints the config file to run: the stacked one as committed (three grid seeds), or a copy of
+it in ``--scratch`` with fewer grid seeds, or the separate one; and one line on stderr
+saying why.
 
-    python bench/gpu_session_choice.py PROBE_LOG --profile paper --grid-seconds 180 \\
+    python bench/gpu_session_choice.py PROBE_LOG --profile paper --train-seconds 310 \\
         --separate bench/gpu_session.toml --stacked bench/gpu_session_stacked.toml --scratch DIR
 """
 
@@ -32,13 +36,18 @@ from aemnist.config import load_config
 MNIST_TRAIN = 60000  # images in MNIST's training set, what train_limit = 0 means
 
 
-def grid_steps_per_seed(profile: str, config: Path) -> int:
-    """Training image-steps of one seed of the grid: every cell trains each fold on the other
-    folds' images (about (folds - 1) / folds of the training set) for ``grid.epochs``."""
+def training_steps(profile: str, config: Path) -> tuple[int, int]:
+    """Training image-steps of one seed of the grid, and of the whole sweep: a grid cell
+    trains each fold on the other folds' images (about (folds - 1) / folds of the training
+    set) for ``grid.epochs``; a sweep cell on the training set (less the held-out images
+    where it selects on them) for ``sweep.epochs``."""
     c = load_config(profile, config)
     n_train = c.data.train_limit or MNIST_TRAIN
     cells = len(c.grid.learning_rates) * len(c.grid.weight_decays)
-    return cells * (c.grid.folds - 1) * n_train * c.grid.epochs
+    grid = cells * (c.grid.folds - 1) * n_train * c.grid.epochs
+    fit = n_train - (c.sweep.validation_images if c.sweep.selection == "validation" else 0)
+    sweep = len(c.sweep.sizes) * c.sweep.repeats * fit * c.sweep.epochs
+    return grid, sweep
 
 
 def probe_rate(log: Path) -> float:
@@ -50,30 +59,33 @@ def probe_rate(log: Path) -> float:
         return 0.0
 
 
-def stacked_seeds(rate: float, steps_per_seed: int, budget_s: float, most: int) -> int:
-    """The most grid seeds (at most ``most``) whose stacked training fits ``budget_s``."""
+def stacked_seeds(rate: float, grid_seed: int, sweep: int, budget_s: float, most: int) -> int:
+    """The most grid seeds (at most ``most``) that, with the sweep, train stacked within
+    ``budget_s`` at ``rate`` images/s; 0 where not even one does."""
     if rate <= 0:
         return 0
-    return min(most, math.floor(budget_s * rate / steps_per_seed))
+    return max(0, min(most, math.floor((budget_s * rate - sweep) / grid_seed)))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probe_log", type=Path)
     parser.add_argument("--profile", default="paper")
-    parser.add_argument("--grid-seconds", type=float, default=180.0)
+    parser.add_argument("--train-seconds", type=float, default=310.0)
     parser.add_argument("--separate", type=Path, required=True)
     parser.add_argument("--stacked", type=Path, required=True)
     parser.add_argument("--scratch", type=Path, required=True)
     args = parser.parse_args()
     most = tomllib.loads(args.stacked.read_text())["grid"]["repeats"]
-    steps = grid_steps_per_seed(args.profile, args.stacked)
+    grid, sweep = training_steps(args.profile, args.stacked)
     rate = probe_rate(args.probe_log)
-    seeds = stacked_seeds(rate, steps, args.grid_seconds, most)
-    projected = f"{steps / rate:.3g} s a seed" if rate > 0 else "no figure"
+    seeds = stacked_seeds(rate, grid, sweep, args.train_seconds, most)
+    projected = (
+        f"{grid / rate:.3g} s a grid seed, sweep {sweep / rate:.3g} s" if rate > 0 else "no figure"
+    )
     if seeds < 1:
         print(
-            f"stacked {rate:.0f} images/s ({projected}, budget {args.grid_seconds:g} s): "
+            f"stacked {rate:.0f} images/s ({projected}, budget {args.train_seconds:g} s): "
             f"{args.separate.name}",
             file=sys.stderr,
         )
@@ -89,7 +101,7 @@ def main() -> None:
         chosen = args.scratch / args.stacked.name
         chosen.write_text(text)
     print(
-        f"stacked {rate:.0f} images/s ({projected}, budget {args.grid_seconds:g} s): "
+        f"stacked {rate:.0f} images/s ({projected}, budget {args.train_seconds:g} s): "
         f"{chosen.name} with {seeds} grid seed(s)",
         file=sys.stderr,
     )

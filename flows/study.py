@@ -36,7 +36,7 @@ from aemnist.config import (
     load_config,
     run_overrides,
 )
-from aemnist.jobs import FoldGroupJob, Job
+from aemnist.jobs import FoldGroupJob, Job, SizeGroupJob
 from aemnist.machine_slots import MachineSlots, slot_folder
 from aemnist.runtime import prepare_device, with_resolved_device
 from aemnist.storage import check_storage
@@ -48,7 +48,7 @@ from tasks.data import assign_folds, download
 from tasks.evaluation import evaluate_corruption, map_embedding
 from tasks.slots import machine_slots, set_training_slots
 from tasks.study import close_study, link_reused, open_study, publish_results, write_report
-from tasks.training import final_model, grid_fold, grid_stack, sweep_size
+from tasks.training import final_model, grid_fold, grid_stack, sweep_size, sweep_stack
 
 DEFAULT_WORKDIR = "aemnist-runs"
 LOOPBACK = "127.0.0.1"
@@ -67,8 +67,9 @@ STAGE_TASKS: dict[str, Task[..., Any]] = {
     "report": write_report,
 }
 
-# Jobs a stage's task does not run: the grid's stacked groups (runtime.stacked_cells).
-JOB_TASKS: dict[type, Task[..., Any]] = {FoldGroupJob: grid_stack}
+# Jobs a stage's task does not run: the grid's and the sweep's stacked groups
+# (runtime.stacked_cells).
+JOB_TASKS: dict[type, Task[..., Any]] = {FoldGroupJob: grid_stack, SizeGroupJob: sweep_stack}
 
 
 def task_for(stage: str, job: Job) -> Task[..., Any]:
@@ -158,7 +159,7 @@ def task_runner_for(
 
 def _producers(label: str, result: Any) -> dict[str, str]:
     """The MLflow runs that produced a task's result, by their names: the task's own, or
-    each cell's of a stacked grid group (its tables by cell label)."""
+    each cell's of a stacked group (its tables by cell label)."""
     if isinstance(result, dict):
         return {cell: getattr(ref, "run_id", "") for cell, ref in result.items()}
     return {label: getattr(result, "run_id", "")}

@@ -1,4 +1,5 @@
-"""The training stages: one grid fold, one size of the sweep, the final model."""
+"""The training stages: one grid fold, one size of the sweep, the final model; the grid's and
+the sweep's stacked groups (``runtime.stacked_cells``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from prefect import get_run_logger, task
 
 from aemnist.data import ImageSet, load_images
 from aemnist.faults import maybe_fail
-from aemnist.jobs import FoldGroupJob, FoldJob, SizeJob
+from aemnist.jobs import FoldGroupJob, FoldJob, SizeGroupJob, SizeJob
 from aemnist.model import Autoencoder, save_checkpoint
 from aemnist.runtime import set_torch_threads
 from aemnist.schemas import TableRef, metrics_frame, read_frame, write_table
-from aemnist.stacked import train_fold_group
+from aemnist.stacked import train_fold_group, train_size_group
 from aemnist.summaries import dead_epochs
 from aemnist.tracking import TaskRun, TrackingContext, release_model
 from aemnist.training import EpochCallback, EpochResult, evaluate, train_fold, train_size
@@ -110,17 +111,13 @@ def grid_fold(ctx: TrackingContext, job: FoldJob) -> TableRef:
     return ref.with_run(run.run_id)
 
 
-@task(
-    name="grid-stack",
-    task_run_name="{job.label}",
-    cache_policy=StageCache(stage="grid"),
-    persist_result=True,
-)
-def grid_stack(ctx: TrackingContext, job: FoldGroupJob) -> dict[str, TableRef]:
-    """Train grid cells of one fold at once (``runtime.stacked_cells``): each cell its own
-    MLflow run, per-epoch metrics and history table, as ``grid_fold`` gives it.
-
-    Returns each cell's table by its label."""
+@contextmanager
+def _stacked_runs(
+    ctx: TrackingContext, job: FoldGroupJob | SizeGroupJob
+) -> Iterator[list[TaskRun]]:
+    """What a stacked task holds while its cells train: one training slot, and each cell's
+    own nested run (its name, parameters and inputs as its own task would log them, plus the
+    group it trained in). The checkpoint goes once the body has stored the results."""
     with training_slot(job.compute.slots), ExitStack() as stack:
         runs = [
             stack.enter_context(
@@ -132,6 +129,38 @@ def grid_stack(ctx: TrackingContext, job: FoldGroupJob) -> dict[str, TableRef]:
             run.log_inputs(cell.inputs())
             maybe_fail(cell.stage, **cell.fault_key)
         set_torch_threads(job.compute.threads)
+        yield runs
+        job.checkpoint.unlink(missing_ok=True)
+
+
+def _store_histories(
+    runs: list[TaskRun],
+    job: FoldGroupJob | SizeGroupJob,
+    histories: list[pd.DataFrame],
+    schema: str,
+) -> dict[str, TableRef]:
+    """Each cell's dead-start metric, history table and its artifact; the tables by label."""
+    refs = {}
+    for run, cell, history in zip(runs, job.cells, histories, strict=True):
+        _log_dead_start(run, cell, history)
+        ref = write_table(history, cell.output, schema)
+        run.log_artifact(ref.path, "tables")
+        refs[cell.label] = ref.with_run(run.run_id)
+    return refs
+
+
+@task(
+    name="grid-stack",
+    task_run_name="{job.label}",
+    cache_policy=StageCache(stage="grid"),
+    persist_result=True,
+)
+def grid_stack(ctx: TrackingContext, job: FoldGroupJob) -> dict[str, TableRef]:
+    """Train grid cells of one fold at once (``runtime.stacked_cells``): each cell its own
+    MLflow run, per-epoch metrics and history table, as ``grid_fold`` gives it.
+
+    Returns each cell's table by its label."""
+    with _stacked_runs(ctx, job) as runs:
         first = job.first
         histories = train_fold_group(
             load_images(first.train.path, first.train_limit),
@@ -153,13 +182,48 @@ def grid_stack(ctx: TrackingContext, job: FoldGroupJob) -> dict[str, TableRef]:
             device=job.compute.device,
             options=job.compute.options,
         )
-        refs = {}
-        for run, cell, history in zip(runs, job.cells, histories, strict=True):
-            _log_dead_start(run, cell, history)
-            ref = write_table(history, cell.output, "grid_history")
-            run.log_artifact(ref.path, "tables")
-            refs[cell.label] = ref.with_run(run.run_id)
-        job.checkpoint.unlink(missing_ok=True)
+        refs = _store_histories(runs, job, histories, "grid_history")
+    return refs
+
+
+@task(
+    name="sweep-stack",
+    task_run_name="{job.label}",
+    cache_policy=StageCache(stage="sweep"),
+    persist_result=True,
+)
+def sweep_stack(ctx: TrackingContext, job: SizeGroupJob) -> dict[str, TableRef]:
+    """Train sizes of the sweep at once (``runtime.stacked_cells``): each its own MLflow run,
+    per-epoch metrics, learning-rate schedule and history table, as ``sweep_size`` gives it.
+
+    Returns each size's table by its label."""
+    with _stacked_runs(ctx, job) as runs:
+        first = job.first
+        histories = train_size_group(
+            load_images(first.train.path, first.train_limit),
+            load_images(first.test.path, first.test_limit),
+            [(cell.size, cell.repeat) for cell in job.cells],
+            lr=first.lr,
+            weight_decay=first.weight_decay,
+            epochs=first.epochs,
+            plateau_patience=first.plateau_patience,
+            batch_size=first.training.batch_size,
+            seed=first.seed,
+            stage=first.stage,
+            selection=first.selection,
+            validation_images=first.validation_images,
+            output_bias_at_mean=first.training.output_bias_at_mean,
+            eval_batch_size=first.training.eval_batch_size,
+            on_epoch=[
+                _epoch_logger(run, cell, SCORED_ON[cell.selection])
+                for run, cell in zip(runs, job.cells, strict=True)
+            ],
+            checkpoint=job.checkpoint,
+            resume_key=current_key(),
+            device=job.compute.device,
+            options=job.compute.options,
+        )
+        refs = _store_histories(runs, job, histories, "sweep_history")
     return refs
 
 
@@ -214,7 +278,7 @@ def _trained_at_size(
 def sweep_size(ctx: TrackingContext, job: SizeJob) -> TableRef:
     """Train at one encoding size on the whole training set, test loss each epoch."""
     with _trained_at_size(ctx, job) as (run, _, history, _):
-        ref = write_table(history, job.layout.sweep_history(job.size, job.repeat), "sweep_history")
+        ref = write_table(history, job.output, "sweep_history")
         run.log_artifact(ref.path, "tables")
     return ref.with_run(run.run_id)
 

@@ -189,3 +189,73 @@ def test_stacked_cells_group_each_folds_cells_evenly_and_the_summary_reads_them_
     assert stage_key("grid", stacked[0]) == stage_key("grid", grid_jobs(36)[0])
     with pytest.raises(ValueError, match="one fold"):
         FoldGroupJob((separate[0], next(job for job in separate if job.fold == 1)))
+
+
+def test_stacked_cells_group_the_sweeps_sizes_and_the_summary_reads_them_in_order(
+    tmp_path: Path,
+) -> None:
+    import dataclasses
+
+    import pandas as pd
+
+    from aemnist.caching import stage_key
+    from aemnist.jobs import SizeGroupJob
+    from aemnist.schemas import TableRef, write_table
+    from aemnist.training import DEFAULT_OPTIONS
+    from flows.study import task_for
+    from tasks.training import sweep_size, sweep_stack
+
+    # The paper's sweep, ten sizes with three seeds: 30 cells on the same images.
+    paper = load_config("paper", overrides={"runtime": {"device": "cpu"}, "sweep": {"repeats": 3}})
+    ref = TableRef(str(tmp_path / "t.parquet"), "a" * 64, 10)
+    # The sweep reads Table 1's best learning rate and weight decay.
+    summary = write_table(
+        pd.DataFrame(
+            {"rank": [1], "lr": [1e-3], "weight_decay": [1e-5], "train_loss_mean": [0.03],
+             "train_loss_std": [0.0], "val_loss_mean": [0.03], "val_loss_std": [0.0],
+             "n_folds": [3], "repeats": [1], "dead_starts": [0]}
+        ),
+        tmp_path / "grid_summary.parquet",
+        "grid_summary",
+    )  # fmt: skip
+    upstream = {"download": [{"train": ref, "test": ref}], "grid-summary": [summary]}
+
+    def study(stacked: int) -> plan.Study:
+        c = paper.with_overrides({"runtime": {"stacked_cells": stacked}})
+        return plan.Study(c, plan.Layout(tmp_path), 2, 1, 2, DEFAULT_OPTIONS)
+
+    separate = plan.STAGES["sweep"].jobs(study(1), upstream)
+    by_label = {job.label: job for job in separate}
+    for most, sizes in ((36, [30]), (12, [10, 10, 10]), (8, [8, 8, 7, 7])):
+        groups = plan.STAGES["sweep"].jobs(study(most), upstream)
+        assert all(isinstance(job, SizeGroupJob) for job in groups)
+        assert [len(group.cells) for group in groups] == sizes
+        # Every (size, seed) once, as its own job would be, in the sweep's order.
+        cells = [cell for group in groups for cell in group.cells]
+        assert [cell.label for cell in cells] == [job.label for job in separate]
+        assert all(cell == by_label[cell.label] for cell in cells)
+        assert [group.label for group in groups] == [
+            f"sweep stack {i}/{len(sizes)}" for i in range(1, len(sizes) + 1)
+        ]
+        assert [group.label for group in groups] == plan.STAGES["sweep"].labels(study(most).config)
+        assert plan.STAGES["sweep"].writes(groups[0]) == [c.output for c in groups[0].cells]
+        assert task_for("sweep", groups[0]) is sweep_stack
+        # Table 2 and the report read one table a (size, seed) in the separate order.
+        results = {
+            **upstream,
+            "sweep": [
+                {cell.label: TableRef(str(cell.output), "b" * 64, 1) for cell in group.cells}
+                for group in reversed(groups)
+            ],
+        }
+        (table2,) = plan.STAGES["sweep-summary"].jobs(study(most), results)
+        assert [h.path for h in table2.histories] == [str(job.output) for job in separate]
+    assert task_for("sweep", separate[0]) is sweep_size
+    stacked = plan.STAGES["sweep"].jobs(study(36), upstream)
+    assert stage_key("sweep", stacked[0]) not in {stage_key("sweep", job) for job in separate}
+    # A group trains every cell with the first one's settings: others are refused.
+    other_lr = dataclasses.replace(separate[1], lr=5e-3)
+    with pytest.raises(ValueError, match="one learning rate"):
+        SizeGroupJob((separate[0], other_lr))
+    with pytest.raises(ValueError, match="only the sweep"):
+        SizeGroupJob((dataclasses.replace(separate[0], stage="final"),))

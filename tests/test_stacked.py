@@ -12,8 +12,8 @@ import torch
 from aemnist.data import ImageSet, load_images, make_folds
 from aemnist.model import build_autoencoder
 from aemnist.schemas import TableRef
-from aemnist.stacked import StackedAutoencoders, fit_stacked, train_fold_group
-from aemnist.training import EpochResult, fit, train_fold
+from aemnist.stacked import StackedAutoencoders, fit_stacked, train_fold_group, train_size_group
+from aemnist.training import EpochResult, fit, train_fold, train_size
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -99,10 +99,26 @@ def test_stacked_forward_is_each_models_own_forward(images: ImageSet) -> None:
         torch.testing.assert_close(out[:, k : k + 1], alone, rtol=RTOL, atol=ATOL)
 
 
-def test_models_of_different_sizes_or_training_counts_are_refused(images: ImageSet) -> None:
+def test_models_of_other_sizes_each_compute_their_own_forward(images: ImageSet) -> None:
+    # The sweep stacks sizes: the narrower codes are padded with zero rows and columns that
+    # must add exactly nothing (float64, RTOL's reason; the padded sums have at most 6 terms).
+    models = [
+        build_autoencoder(size, seed).double().eval() for size, seed in [(2, 1), (6, 2), (4, 3)]
+    ]
+    batch = torch.stack([images.images[i * 8 : (i + 1) * 8, 0] for i in range(3)], dim=1)
+    batch = batch.double()
+
+    with torch.no_grad():
+        out = StackedAutoencoders(models)(batch)
+
+    for k, model in enumerate(models):
+        with torch.no_grad():
+            alone = model(batch[:, k : k + 1])
+        torch.testing.assert_close(out[:, k : k + 1], alone, rtol=RTOL, atol=ATOL)
+
+
+def test_models_of_different_training_counts_are_refused(images: ImageSet) -> None:
     x = images.images
-    with pytest.raises(ValueError, match="one encoding size"):
-        StackedAutoencoders([build_autoencoder(4, 0), build_autoencoder(6, 0)])
     with pytest.raises(ValueError, match="equally many images"):
         fit_stacked(
             [build_autoencoder(4, 0), build_autoencoder(4, 1)], x,
@@ -188,3 +204,39 @@ def test_a_fold_group_gives_each_cell_what_train_fold_gives_it(images: ImageSet)
         pd.testing.assert_frame_equal(ours, alone, check_exact=False, rtol=RTOL, atol=ATOL)
     # Each cell trained from its own draw: the two repeats differ.
     assert not stacked[1]["val_loss"].equals(stacked[2]["val_loss"])
+
+
+def test_a_size_group_gives_each_size_what_train_size_gives_it_schedule_included(
+    mnist_tables: dict[str, TableRef], tmp_path: Path
+) -> None:
+    # The sweep's way: sizes 2 and 6 side by side (the narrower padded), the same images,
+    # each with its own ReduceLROnPlateau on its own test loss. In float64 for RTOL's reason.
+    def double(table: str, limit: int) -> ImageSet:
+        loaded = load_images(mnist_tables[table].path, limit=limit)
+        return dataclasses.replace(loaded, images=loaded.images.double())
+
+    train, test = double("train", 1500), double("test", 500)
+    cells = [(2, 0), (6, 1)]
+    common = {
+        "lr": 1e-2, "weight_decay": 1e-5, "plateau_patience": 0, "batch_size": 128, "seed": 7
+    }  # fmt: skip
+
+    stacked = train_size_group(train, test, cells, epochs=4, **common)
+
+    for (size, repeat), ours in zip(cells, stacked, strict=True):
+        _, alone = train_size(train, test, size=size, repeat=repeat, epochs=4, **common)
+        pd.testing.assert_frame_equal(ours, alone, check_exact=False, rtol=RTOL, atol=ATOL)
+    # Each model kept its own schedule (measured: size 6 repeat 1 stalled at epoch 2 and was
+    # cut to 1e-3, then 1e-4; size 2 kept 1e-2): one cut, the other not.
+    assert list(stacked[0]["lr"]) == [1e-2] * 4
+    assert list(stacked[1]["lr"])[2:] == pytest.approx([1e-3, 1e-4])
+
+    # Stopped after epoch 3 and resumed: the schedules come back with the models, and the
+    # histories end exactly as the uninterrupted ones (same machine: no tolerance).
+    checkpoint = tmp_path / "sweep-stack.pt"
+    train_size_group(train, test, cells, epochs=3, checkpoint=checkpoint, resume_key="k", **common)
+    resumed = train_size_group(
+        train, test, cells, epochs=4, checkpoint=checkpoint, resume_key="k", **common
+    )
+    for ours, straight in zip(resumed, stacked, strict=True):
+        pd.testing.assert_frame_equal(ours, straight, check_exact=True)

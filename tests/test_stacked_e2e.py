@@ -1,8 +1,9 @@
-"""The grid trained stacked (``runtime.stacked_cells``), end to end through the CLI, Prefect
-and MLflow: one task a group of cells, one MLflow run, table and history a cell, a failed
-group resumed from its checkpoint, the other groups reused.
+"""The grid and the sweep trained stacked (``runtime.stacked_cells``), end to end through the
+CLI, Prefect and MLflow: one task a group of cells, one MLflow run, table and history a cell,
+a failed group resumed from its checkpoint, the other groups reused.
 
-The smoke grid with two seeds and two epochs: 4 cells a fold, 2 a group, 6 group tasks."""
+The smoke grid with two seeds and two epochs: 4 cells a fold, 2 a group, 6 group tasks; the
+smoke sweep's two sizes in one group."""
 
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def test_status_shows_the_failed_group_resumable_and_the_rerun_trains_only_it(
     rerun = run_cli(smoke_run(study.workdir, study.mirror, "--config", str(study.config)),
                     study.home)  # fmt: skip
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    output = rerun.stdout + rerun.stderr
+    output = study.rerun_output = rerun.stdout + rerun.stderr
     for label in FAILING_CELLS:
         assert f"{label} epoch 1/2 restored from checkpoint" in output
         assert f"{label} epoch 2/2 trained" in output
@@ -129,3 +130,36 @@ def test_status_shows_the_failed_group_resumable_and_the_rerun_trains_only_it(
     assert not Layout(study.workdir.resolve()).checkpoint(FAILING).exists()
     summary = read_frame(study.workdir / "grid_summary.parquet", "grid_summary")
     assert list(summary["repeats"]) == [2, 2] and list(summary["n_folds"]) == [3, 3]
+
+
+def test_the_sweep_trains_its_sizes_in_one_task_each_its_own_run_table_and_schedule(
+    study: Study,
+) -> None:
+    # Ran by the re-run above (the first run stopped at the grid).
+    assert plan.STAGES["sweep"].labels(CONFIG) == ["sweep stack 1/1"]
+    assert "Task run 'sweep stack 1/1' - Finished in state Completed()" in study.rerun_output
+    runs = study.runs(-1)
+    sweep = {name: run for name, run in runs.items() if run.data.tags.get("stage") == "sweep"}
+    assert sorted(sweep) == ["sweep size=4", "sweep size=8"]
+    layout = Layout(study.workdir.resolve())
+    for name, run in sweep.items():
+        assert run.info.status == "FINISHED", name
+        assert run.data.params["stacked_with"] == "2"
+        assert run.data.params["stack"] == "sweep stack 1/1"
+        assert run.data.params["size"] == name.split("=")[1]
+        scored = study.client().get_metric_history(run.info.run_id, "test_loss")
+        lrs = study.client().get_metric_history(run.info.run_id, "lr")
+        assert [m.step for m in scored] == [1, 2] and [m.step for m in lrs] == [1, 2]
+        table = read_frame(layout.sweep_history(int(run.data.params["size"]), 0), "sweep_history")
+        assert list(table["epoch"]) == [1, 2]
+        assert table["test_loss"].iloc[-1] == pytest.approx(scored[-1].value, rel=1e-12)
+        assert list(table["lr"]) == pytest.approx([m.value for m in lrs], rel=1e-12)
+        artifacts = [a.path for a in study.client().list_artifacts(run.info.run_id, "tables")]
+        assert len(artifacts) == 1
+    # The two sizes were trained, not one twice; Table 2 ranks both.
+    losses = {read_frame(layout.sweep_history(size, 0), "sweep_history")["test_loss"].iloc[-1]
+              for size in (4, 8)}  # fmt: skip
+    assert len(losses) == 2
+    summary = read_frame(study.workdir / "sweep_summary.parquet", "sweep_summary")
+    assert sorted(summary["size"]) == [4, 8]
+    assert not layout.checkpoint("sweep stack 1/1").exists()
