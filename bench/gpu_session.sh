@@ -18,8 +18,8 @@
 #
 # `run` reads: PROFILE (paper), DEVICE (cuda), CONFIG (default: bench/gpu_session.toml, the
 # grid with one seed, the sweep and final model with three, what fits the 15 minutes a session
-# has; or bench/gpu_session_stacked.toml, the grid and the sweep stacked, the grid with up to
-# three seeds, as many as a probe's stacked rate on the GPU fits, with the sweep, in
+# has; or bench/gpu_session_stacked.toml, the grid and the sweep stacked, with up to three
+# grid seeds and five sweep seeds, as many as a probe's stacked rate on the GPU fits in
 # TRAIN_SECONDS (310; bench/gpu_session_choice.py);
 # PROBE_MODELS runs that probe on another device, with that many cells, for a rehearsal),
 # NODE_PYTHON (install into that Python instead of a new venv over the system's: for a
@@ -99,10 +99,11 @@ EOF
     if [ -z "${CONFIG:-}" ] && { [ "${DEVICE:-cuda}" = cuda ] || [ -n "${PROBE_MODELS:-}" ]; }; then
         # Issue 14 point 7 first: 36 cells stacked against the same cells one after another on
         # this GPU, one epoch each (about 30 s). bench/gpu_session_choice.py then takes the
-        # stacked config (grid and sweep) with as many grid seeds (3, 2 or 1) as fit, with the
-        # sweep, in TRAIN_SECONDS (310: the separate config's training on the last H200, its
-        # grid 162 s and about 3 x 50 s for its sweep) at the probe's stacked rate, counting no
-        # gain from tasks sharing the GPU; else the separate config. A crashed probe: separate.
+        # stacked config (grid and sweep) with as many grid seeds (3, 2, 1), then sweep seeds
+        # (5, 3), as fit TRAIN_SECONDS (310: the separate config's training on the last H200,
+        # its grid 162 s and about 3 x 50 s for its sweep) at the probe's stacked rate, counting
+        # no gain from tasks sharing the GPU; else the separate config. A crashed probe:
+        # separate.
         start=$(date +%s)
         AEMNIST_MNIST_MIRROR=$stage_dir/mnist AEMNIST_BENCH_DIR=/tmp/aemnist-bench \
             "$python" bench/stacked.py --device "${DEVICE:-cuda}" --models "${PROBE_MODELS:-36}" \
