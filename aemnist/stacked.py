@@ -442,7 +442,7 @@ def train_size_group(
             stage=stage,
             repeat=repeat,
             output_bias_at_mean=output_bias_at_mean,
-        )  # fmt: skip
+        )
         for size, repeat in cells
     ]
     histories = fit_stacked(

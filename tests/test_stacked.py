@@ -83,27 +83,17 @@ def test_stacked_training_gives_each_model_what_separate_training_gives(
     assert len({round(h[-1].eval_loss, 6) for h in histories}) == 3
 
 
-def test_stacked_forward_is_each_models_own_forward(images: ImageSet) -> None:
+# One encoding size (the grid's groups), and three (the sweep's: the narrower codes padded
+# with zero rows and columns, which must add exactly nothing).
+@pytest.mark.parametrize("sizes", [(4, 4, 4), (2, 6, 4)], ids=["one size", "padded sizes"])
+def test_stacked_forward_is_each_models_own_forward(
+    images: ImageSet, sizes: tuple[int, int, int]
+) -> None:
     # In float64, for the reason RTOL gives: the longest sum of the forward pass has 288
     # terms (288 * 2.2e-16 = 6e-14 relative at most), through nine layers.
-    models = [build_autoencoder(4, seed).double().eval() for seed in SEEDS]
-    batch = torch.stack([images.images[i * 8 : (i + 1) * 8, 0] for i in range(3)], dim=1)
-    batch = batch.double()
-
-    with torch.no_grad():
-        out = StackedAutoencoders(models)(batch)
-
-    for k, model in enumerate(models):
-        with torch.no_grad():
-            alone = model(batch[:, k : k + 1])
-        torch.testing.assert_close(out[:, k : k + 1], alone, rtol=RTOL, atol=ATOL)
-
-
-def test_models_of_other_sizes_each_compute_their_own_forward(images: ImageSet) -> None:
-    # The sweep stacks sizes: the narrower codes are padded with zero rows and columns that
-    # must add exactly nothing (float64, RTOL's reason; the padded sums have at most 6 terms).
     models = [
-        build_autoencoder(size, seed).double().eval() for size, seed in [(2, 1), (6, 2), (4, 3)]
+        build_autoencoder(size, seed).double().eval()
+        for size, seed in zip(sizes, SEEDS, strict=True)
     ]
     batch = torch.stack([images.images[i * 8 : (i + 1) * 8, 0] for i in range(3)], dim=1)
     batch = batch.double()
