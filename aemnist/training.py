@@ -447,10 +447,16 @@ def grid_model(
     stacked with others (aemnist.stacked), a cell starts from the same weights. The model
     takes the images' dtype (float32 in the study; float64 in tests that compare the two)."""
     key = task_seed(seed, "grid", lr, weight_decay, fold, *([repeat] if repeat else []))
-    model = build_autoencoder(size, key).to(train_images.dtype)
+    return _untrained(size, key, train_images, output_bias_at_mean), key
+
+
+def _untrained(size: int, key: int, images: torch.Tensor, output_bias_at_mean: bool) -> Autoencoder:
+    """The model a task starts from: drawn from ``key``, in ``images``' dtype, its output
+    bias at their mean intensity where asked."""
+    model = build_autoencoder(size, key).to(images.dtype)
     if output_bias_at_mean:
-        start_at_mean_intensity(model, train_images)
-    return model, key
+        start_at_mean_intensity(model, images)
+    return model
 
 
 def grid_history_frame(
@@ -546,10 +552,7 @@ def size_model(
     (``train_size``) or stacked (``aemnist.stacked.train_size_group``), a size starts from
     the same weights. The model takes the images' dtype."""
     key = task_seed(seed, stage, size, *([repeat] if repeat else []))
-    model = build_autoencoder(size, key).to(fit_images.dtype)
-    if output_bias_at_mean:
-        start_at_mean_intensity(model, fit_images)
-    return model, key
+    return _untrained(size, key, fit_images, output_bias_at_mean), key
 
 
 def size_history_frame(
