@@ -277,7 +277,7 @@ class SizeGroupJob(_CellGroup):
                     c.seed,
                 )
                 for c in self.cells
-            },  # fmt: skip
+            },
             "the sweep with one learning rate, weight decay, epoch count, schedule, "
             "selection, training settings and seed",
         )
