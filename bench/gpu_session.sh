@@ -108,7 +108,13 @@ EOF
         AEMNIST_MNIST_MIRROR=$stage_dir/mnist AEMNIST_BENCH_DIR=/tmp/aemnist-bench \
             "$python" bench/stacked.py --device "${DEVICE:-cuda}" --models "${PROBE_MODELS:-36}" \
             --epochs 1 --rounds 1 > "$run_dir/stacked-probe.log" 2>&1 || true
+        # The sweep's padded sizes, which the probe above does not train, once on this device
+        # (about 5 s): where they fail, the stacked config would fail its sweep.
+        AEMNIST_MNIST_MIRROR=$stage_dir/mnist AEMNIST_BENCH_DIR=/tmp/aemnist-bench \
+            "$python" bench/stacked.py --device "${DEVICE:-cuda}" --models 3 --sizes 2,6,30 \
+            --epochs 1 --rounds 1 > "$run_dir/stacked-sizes-probe.log" 2>&1 || true
         config=$("$python" bench/gpu_session_choice.py "$run_dir/stacked-probe.log" \
+            --check "$run_dir/stacked-sizes-probe.log" \
             --profile "${PROFILE:-paper}" --train-seconds "${TRAIN_SECONDS:-310}" \
             --separate "$config" --stacked "$PWD/bench/gpu_session_stacked.toml" \
             --scratch "$run_dir" 2>> "$run_dir/times.txt") || config=$PWD/bench/gpu_session.toml

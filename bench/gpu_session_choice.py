@@ -12,8 +12,9 @@ purpose: it credits stacked tasks that share the GPU nothing over one task alone
 the stacked config never makes the session's one study longer than the separate one it
 replaces (a ratio of 2 over cells trained one after another, the rule before, would have let
 three grid seeds take about 550 s where one took 162). No figure (the probe failed or never
-ran), or a rate at which not even one grid seed with three sweep seeds fits: the separate
-config.
+ran), a rate at which not even one grid seed with three sweep seeds fits, or a ``--check``
+probe without a figure (the sweep's padded sizes, which the 36 grid cells do not exercise,
+failed on the device): the separate config.
 
 Prints the config file to run: the stacked one as committed, or a copy of it in ``--scratch``
 with fewer seeds, or the separate one; and one line on stderr saying why.
@@ -88,6 +89,9 @@ def with_repeats(text: str, grid: int, sweep: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("probe_log", type=Path)
+    parser.add_argument(
+        "--check", type=Path, help="another probe's log that must end with a figure (or: separate)"
+    )
     parser.add_argument("--profile", default="paper")
     parser.add_argument("--train-seconds", type=float, default=310.0)
     parser.add_argument("--separate", type=Path, required=True)
@@ -105,6 +109,9 @@ def main() -> None:
         else "no figure"
     )
     why = f"stacked {rate:.0f} images/s ({projected}, budget {args.train_seconds:g} s)"
+    if args.check is not None and probe_rate(args.check) <= 0:
+        why += f", but {args.check.name} has no figure (see it)"
+        seeds = None
     if seeds is None:
         print(f"{why}: {args.separate.name}", file=sys.stderr)
         print(args.separate.resolve())
