@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from tracking_writer import log_from_process
 
 from aemnist import caching, plan
 from aemnist.caching import library_modules, stage_key
@@ -24,7 +25,6 @@ from aemnist.tracking import (
     embedded_tracking_uri,
     mark_abandoned_runs,
     start_study,
-    task_run,
 )
 from aemnist.training import DEFAULT_OPTIONS, fit
 
@@ -267,13 +267,6 @@ def test_a_checkpoint_of_another_key_is_not_resumed(images, tmp_path: Path) -> N
     assert [r.resumed for r in seen] == [False]
 
 
-def _log_from_process(uri: str, experiment_id: str, parent: str, index: int) -> None:
-    ctx = TrackingContext(uri, experiment_id, parent)
-    with task_run(ctx, f"process {index}") as run:
-        for step in range(1, 101):
-            run.log_metrics({"loss": 1.0 / step}, step=step)
-
-
 def _parent(tmp_path: Path) -> TrackingContext:
     uri = embedded_tracking_uri(tmp_path)
     return start_study(uri, tmp_path, "concurrency", {"p": 1}, {"profile": "test"})
@@ -295,7 +288,7 @@ def test_eight_threads_logging_per_epoch_metrics_lose_nothing(tmp_path: Path) ->
     ctx = _parent(tmp_path)
     threads = [
         threading.Thread(
-            target=_log_from_process,
+            target=log_from_process,
             args=(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, i),
         )
         for i in range(8)
@@ -313,7 +306,7 @@ def test_eight_processes_logging_per_epoch_metrics_lose_nothing(tmp_path: Path) 
     spawn = multiprocessing.get_context("spawn")
     processes = [
         spawn.Process(
-            target=_log_from_process,
+            target=log_from_process,
             args=(ctx.tracking_uri, ctx.experiment_id, ctx.parent_run_id, i),
         )
         for i in range(8)
