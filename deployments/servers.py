@@ -738,7 +738,7 @@ def prefect_request(
     """A request to the Prefect API as Prefect's own client makes it: basic auth with
     ``auth`` ("user:password"; default: PREFECT_API_AUTH_STRING, if set); a POST (``body``)
     carries a CSRF token, fetched once per server, for a server with CSRF protection on.
-    Returns the decoded JSON answer; raises urllib's errors."""
+    Returns the decoded JSON answer (None for an empty one); raises urllib's errors."""
     headers = {"Content-Type": "application/json"}
     if auth := auth or os.environ.get(PREFECT_AUTH_ENV):
         headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
@@ -748,7 +748,8 @@ def prefect_request(
         request = urllib.request.Request(f"{api_url}{path}", data=data, headers=headers | csrf)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.load(response)
+                answer = response.read()
+                return json.loads(answer) if answer else None  # 204: no content
         except urllib.error.HTTPError as exc:
             if exc.code != 403 or not csrf or attempt == 2:
                 raise

@@ -1,12 +1,15 @@
 """One Prefect server for local runs, and training slots across flow runs, all real and on
 loopback: `aemnist server` on a work dir, two smoke studies run at once against it (one
 finding it through its work dir's discovery file, one through PREFECT_API_URL) with one
-training slot between them, then cached re-runs: one while the test holds that slot, one
-after the server stopped, on the run's own temporary server."""
+training slot between them; a slot asked for while the server's SQLite database is busy (a
+write held open on it, as the server's own task-run recorder holds one), one held past its
+lease's renewal; then cached re-runs: one while the test holds that slot, one after the
+server stopped, on the run's own temporary server."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import socket
@@ -14,7 +17,9 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, closing, contextmanager, suppress
 from dataclasses import dataclass
@@ -282,11 +287,117 @@ def holding_every_slot(server: Server) -> Iterator[None]:
         assert server.get(f"/v2/concurrency_limits/{SLOTS}")["active_slots"] == 1
         yield
     finally:
-        # It answers 204, no body: nothing for the JSON decoder.
-        with suppress(ValueError):
-            server.post(
-                "/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease["lease_id"]}
-            )
+        server.post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": lease["lease_id"]})
+
+
+@contextmanager
+def database_write_held(server: Server) -> Iterator[sqlite3.Connection]:
+    """A write transaction on the Prefect server's SQLite database, with a change in it, held
+    by this process (as the server's own task-run recorder holds one while it writes a
+    task's state) until the body commits it or ends."""
+    limit = "aemnist-test-scratch"
+    with suppress(urllib.error.HTTPError):  # made by an earlier test
+        server.post("/v2/concurrency_limits/", {"name": limit, "limit": 1})
+    database = server.workdir / "server" / "prefect.db"
+    with closing(sqlite3.connect(database, isolation_level=None, timeout=30)) as connection:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.execute(
+            'UPDATE concurrency_limit_v2 SET "limit" = "limit" + 1 WHERE name = ?', (limit,)
+        )
+        try:
+            yield connection
+        finally:
+            if connection.in_transaction:
+                connection.execute("COMMIT")
+
+
+def test_a_slot_refused_by_the_servers_busy_database_is_asked_for_again_and_taken(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.slots import prefect_slot
+
+    limit = "aemnist-test-busy"
+    server.post("/v2/concurrency_limits/", {"name": limit, "limit": 1})
+    held: list[int] = []
+
+    def take_slot() -> None:
+        with temporary_settings({PREFECT_API_URL: server.prefect_api}), prefect_slot(limit):
+            held.append(server.get(f"/v2/concurrency_limits/{limit}")["active_slots"])
+
+    caplog.set_level(logging.DEBUG, logger="tasks.slots")
+    with database_write_held(server) as connection:
+        taker = threading.Thread(target=take_slot)
+        taker.start()
+        # While another connection writes, the server's read-then-write transaction fails
+        # at once and it answers 503 (measured 4 of 4 within 0.03 s); the request is made
+        # again 50 and 100 ms later, then every 200 ms (how soon, against Prefect's client's
+        # 2 s, is measured in bench/slots.py).
+        time.sleep(1.0)
+        assert held == []
+        connection.execute("COMMIT")
+    taker.join(timeout=60)
+    assert not taker.is_alive()
+    assert held == [1]  # the lease held the one slot ...
+    assert server.get(f"/v2/concurrency_limits/{limit}")["active_slots"] == 0  # ... given back
+    (busy,) = [r.getMessage() for r in caplog.records if "answers 503" in r.getMessage()]
+    answers = re.fullmatch(r"increment-with-lease answered after (\d+) answers 503 .*", busy)
+    assert answers and 3 <= int(answers[1]) <= 8, busy  # 1.0 s: 0.05 + 0.1 + 0.2 x 4, latency
+
+
+def test_a_server_whose_database_stays_busy_fails_the_slot_naming_the_server(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import tasks.slots
+    from tasks.slots import SlotServerBusy, prefect_slot
+
+    limit = "aemnist-test-busy"
+    with suppress(urllib.error.HTTPError):  # made by the test above when it ran
+        server.post("/v2/concurrency_limits/", {"name": limit, "limit": 1})
+    monkeypatch.setattr(tasks.slots, "BUSY_WAITS_S", (0.01, 0.02))  # 51 s, shortened
+    with database_write_held(server), temporary_settings({PREFECT_API_URL: server.prefect_api}):
+        with pytest.raises(SlotServerBusy) as refused, prefect_slot(limit):
+            pytest.fail("the body ran without a slot")
+    assert str(refused.value) == (
+        f"the Prefect server at {server.prefect_api} answered 503 (busy) to 3 requests "
+        f"(increment-with-lease) over 0 s: see its log (`aemnist server` writes "
+        f"WORKDIR/server/prefect-server.log)"
+    )
+    assert server.get(f"/v2/concurrency_limits/{limit}")["active_slots"] == 0
+
+
+def test_a_held_slots_lease_is_renewed_while_its_task_trains(
+    server: Server, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import tasks.slots
+    from tasks.slots import prefect_slot
+
+    limit = "aemnist-test-renewed"
+    server.post("/v2/concurrency_limits/", {"name": limit, "limit": 1})
+    renewed: list[str] = []
+    ask = tasks.slots._ask
+
+    def recording_ask(url: str, auth: str | None, path: str, body: dict[str, Any]) -> Any:
+        answer = ask(url, auth, path, body)  # the real request to the server
+        renewed.extend([path] if path.endswith("/renew") else [])
+        return answer
+
+    monkeypatch.setattr(tasks.slots, "_ask", recording_ask)
+    monkeypatch.setattr(tasks.slots, "RENEW_S", 0.1)  # 225 s, shortened
+    caplog.set_level(logging.WARNING, logger="tasks.slots")
+    with temporary_settings({PREFECT_API_URL: server.prefect_api}), prefect_slot(limit):
+        time.sleep(0.55)
+        assert server.get(f"/v2/concurrency_limits/{limit}")["active_slots"] == 1
+    # Renewed about five times, each answered (a refused renewal logs a warning) ...
+    assert len(renewed) >= 3 and len(set(renewed)) == 1, renewed
+    assert caplog.records == []
+    # ... and the lease given back once the body ended: the slot is free again.
+    assert server.get(f"/v2/concurrency_limits/{limit}")["active_slots"] == 0
 
 
 def test_a_cached_rerun_takes_no_training_slot_and_after_the_server_stops_its_database_keeps_both(
