@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -99,8 +98,7 @@ def main() -> None:
             print(
                 f"in a flow, {label + ':':24} {spread(waits[ours])} ms a task (median [min, "
                 f"max] over {len(waits[ours])} tasks of {args.flows} flows); flows' medians "
-                f"{spread(medians[ours])} ms",
-                file=sys.stdout,
+                f"{spread(medians[ours])} ms"
             )
         api.stop()
         result(
